@@ -1,0 +1,273 @@
+"""Typed, declared, overridable configuration.
+
+Recipes are YAML files loaded into the dataclasses below. Every knob is declared with a one-line
+doc (``doc(...)``) and validated on load; command-line overrides use ``section.key=value``; an
+unknown key is an error that suggests the nearest valid key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin
+
+import yaml
+
+from .errors import UserError
+
+T = TypeVar("T")
+
+
+class ConfigError(UserError, ValueError):
+    """A recipe or override is invalid; the message names the key and the source."""
+
+
+def doc(default: Any = dataclasses.MISSING, help: str = "", **kwargs) -> Any:
+    """A dataclass field with a one-line description (shown by ``describe``)."""
+    if isinstance(default, (list, dict)):
+        value = default
+        return field(default_factory=lambda: type(value)(value), metadata={"doc": help}, **kwargs)
+    return field(default=default, metadata={"doc": help}, **kwargs)
+
+
+# --------------------------------------------------------------------------- the schema
+
+
+@dataclass
+class ModelConfig:
+    name: str = doc("bundled:whisper-base", "base model: bundled:whisper-base, a local HF folder or a hub id")
+    quant: Literal["none", "8bit", "4bit"] = doc("none", "load the frozen base in bitsandbytes 8-bit or 4-bit (nf4)")
+    language: str = doc("ko", "language token forced in labels and generation (always force it for Korean)")
+    task: Literal["transcribe", "translate"] = doc("transcribe", "Whisper task token")
+    gradient_checkpointing: bool = doc(True, "trade compute for memory (non-reentrant)")
+
+
+@dataclass
+class LoraConfig:
+    r: int = doc(32, "LoRA rank: higher means more capacity and more memory")
+    alpha: int = doc(64, "LoRA scaling numerator (scale = alpha / r)")
+    dropout: float = doc(0.05, "dropout on the LoRA input")
+    target_modules: list[str] = doc(["q_proj", "v_proj"], "module names that get adapters")
+
+    def __post_init__(self):
+        if self.r <= 0:
+            raise ConfigError(f"lora.r must be positive, got {self.r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"lora.dropout must be in [0, 1), got {self.dropout}")
+        if not self.target_modules:
+            raise ConfigError("lora.target_modules must name at least one module")
+
+
+@dataclass
+class DataConfig:
+    train: str = doc("data/demo/train.jsonl", "training manifest (JSONL)")
+    dev: str = doc("data/demo/dev.jsonl", "dev manifest scored every eval_every steps")
+    test: str | None = doc(None, "optional test manifest for final scoring")
+    padding: Literal["max_length", "longest"] = doc(
+        "max_length", "max_length: pad every clip to 30 s (Whisper standard); longest: pad to the batch's longest clip"
+    )
+    max_label_tokens: int = doc(448, "drop/refuse labels longer than this many tokens (Whisper's decoder limit)")
+    num_workers: int = doc(0, "DataLoader worker processes")
+
+    def __post_init__(self):
+        if not 0 < self.max_label_tokens <= 448:
+            raise ConfigError(f"data.max_label_tokens must be in 1..448, got {self.max_label_tokens}")
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = doc("runs/demo", "run folder: checkpoints, metrics.jsonl, cer.png, resolved recipe")
+    max_steps: int = doc(100, "optimizer steps to train")
+    batch_size: int = doc(8, "utterances per micro-batch (per device)")
+    grad_accum: int = doc(1, "micro-batches per optimizer step")
+    lr: float = doc(1e-3, "peak learning rate (AdamW)")
+    weight_decay: float = doc(0.0, "AdamW weight decay")
+    warmup_steps: int = doc(10, "linear warmup steps, then linear decay to 0")
+    max_grad_norm: float = doc(1.0, "gradient clipping norm (0 disables)")
+    mixed_precision: Literal["no", "fp16", "bf16"] = doc("no", "accelerate mixed precision (GPU)")
+    seed: int = doc(42, "random seed")
+    eval_every: int = doc(100, "evaluate CER on dev every N optimizer steps")
+    save_every: int = doc(100, "checkpoint every N optimizer steps")
+    keep_last: int = doc(3, "checkpoints kept besides best/ and final/")
+    early_stopping_patience: int = doc(0, "stop after N evals without CER improvement (0: off)")
+    max_bad_steps: int = doc(5, "stop after this many non-finite losses in a row")
+
+    def __post_init__(self):
+        for name in ("max_steps", "batch_size", "grad_accum", "eval_every", "save_every"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"train.{name} must be positive, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ConfigError(f"train.lr must be positive, got {self.lr}")
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = doc(16, "utterances per generation batch")
+    max_samples: int | None = doc(None, "score a fixed subset of the dev set (None: all)")
+    max_new_tokens: int = doc(128, "generation cap (8-bit greedy decoding can loop)")
+    num_beams: int = doc(1, "beam size (1: greedy)")
+
+
+@dataclass
+class RecipeConfig:
+    model: ModelConfig = doc(help="base model and quantisation", default_factory=ModelConfig)
+    lora: LoraConfig = doc(help="LoRA adapter", default_factory=LoraConfig)
+    data: DataConfig = doc(help="manifests and batching", default_factory=DataConfig)
+    train: TrainConfig = doc(help="optimisation and checkpointing", default_factory=TrainConfig)
+    eval: EvalConfig = doc(help="CER evaluation during training", default_factory=EvalConfig)
+
+
+# --------------------------------------------------------------------------- the mechanism
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp, where: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; accept ints for floats. Raise ConfigError."""
+    origin = get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        args = get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{where}: {value!r} is not {_type_name(tp)}")
+    if origin is Literal:
+        if value not in get_args(tp):
+            choices = ", ".join(repr(a) for a in get_args(tp))
+            raise ConfigError(f"{where}: {value!r} is not one of {choices}")
+        return value
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        (item,) = get_args(tp) or (Any,)
+        return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping of keys for section {tp.__name__}, got {value!r}")
+        return from_dict(tp, value, where)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):  # YAML 1.1 reads "3e-4" as a string
+        try:
+            return float(value)
+        except ValueError:
+            raise ConfigError(f"{where}: expected float, got {value!r}") from None
+    if tp is bool and not isinstance(value, bool):
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if tp in (int, float) and isinstance(value, bool):
+        raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}")
+    if isinstance(tp, type) and not isinstance(value, tp):
+        raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}")
+    return value
+
+
+def _unknown_key(key: str, valid: list[str], where: str) -> ConfigError:
+    guess = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    hint = f"; did you mean {(where + '.' if where else '') + guess[0]!r}?" if guess else ""
+    return ConfigError(f"unknown key {(where + '.' if where else '') + key!r}{hint} (valid: {', '.join(valid)})")
+
+
+def from_dict(cls: type[T], data: dict, where: str = "") -> T:
+    """Build dataclass ``cls`` from a mapping, recursively; unknown keys are errors with a suggestion."""
+    hints = typing.get_type_hints(cls)
+    valid = [f.name for f in fields(cls) if f.init]
+    kwargs = {}
+    for key, value in (data or {}).items():
+        if key not in valid:
+            raise _unknown_key(str(key), valid, where)
+        kwargs[key] = _coerce(value, hints[key], f"{where}.{key}" if where else key)
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:
+        raise ConfigError(f"{where + ': ' if where else ''}{e}") from None
+
+
+def to_dict(obj) -> dict:
+    return dataclasses.asdict(obj)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"train.lr=3e-4"`` -> (["train", "lr"], 0.0003). Values are parsed as YAML scalars/lists."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.key=value")
+    key, raw = text.split("=", 1)
+    path = [p for p in key.strip().split(".") if p]
+    if not path:
+        raise ConfigError(f"override {text!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return path, value
+
+
+def apply_overrides(data: dict, overrides: list[str], cls: type = RecipeConfig) -> dict:
+    """Apply ``section.key=value`` overrides to a raw recipe mapping, checking keys against ``cls``."""
+    data = {k: (dict(v) if isinstance(v, dict) else v) for k, v in (data or {}).items()}
+    for text in overrides:
+        path, value = parse_override(text)
+        node, node_cls, where = data, cls, ""
+        for depth, key in enumerate(path):
+            names = {f.name: f for f in fields(node_cls)}
+            if key not in names:
+                raise _unknown_key(key, list(names), where)
+            where = f"{where}.{key}" if where else key
+            if depth == len(path) - 1:
+                node[key] = value
+                break
+            sub_cls = typing.get_type_hints(node_cls)[key]
+            if not is_dataclass(sub_cls):
+                raise ConfigError(f"override {text!r}: {where} is a value, not a section")
+            node = node.setdefault(key, {})
+            node_cls = sub_cls
+    return data
+
+
+def load_recipe(path: str | Path | None, overrides: list[str] = (), cls: type[T] = RecipeConfig) -> T:
+    """Load a YAML recipe (or defaults when ``path`` is None), apply overrides, validate."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"recipe not found: {path}") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: invalid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: a recipe must be a mapping of sections")
+    data = apply_overrides(data, list(overrides), cls)
+    try:
+        return from_dict(cls, data)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}" if path else str(e)) from None
+
+
+def describe(cls: type = RecipeConfig, prefix: str = "") -> list[str]:
+    """One line per key: ``section.key (type, default) - doc``; for ``--help`` texts."""
+    lines = []
+    hints = typing.get_type_hints(cls)
+    for f in fields(cls):
+        tp = hints[f.name]
+        name = f"{prefix}{f.name}"
+        if is_dataclass(tp):
+            lines.extend(describe(tp, name + "."))
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        lines.append(f"{name} = {default!r}  # {f.metadata.get('doc', '')}")
+    return lines

@@ -1,0 +1,105 @@
+"""Batch collation for Whisper fine-tuning: waveforms -> log-mel, texts -> labels.
+
+One collator serves both padding modes: ``"max_length"`` pads every clip to 30 s (Whisper's
+standard input) and ``"longest"`` pads only to the longest clip in the batch (rounded up to
+``pad_to_multiple_of`` frames), which the trimmed-context encoder consumes.
+
+Labels are ``<|startoftranscript|><|ko|><|transcribe|><|notimestamps|> text <|endoftext|>`` with
+the leading ``<|startoftranscript|>`` dropped (the model prepends ``decoder_start_token_id`` when it
+shifts labels right), padded with -100 so padding never counts in the loss.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+from ..audio import AudioError, load_audio, log_mel_spectrogram
+
+IGNORE_INDEX = -100
+MAX_LABEL_TOKENS = 448  # Whisper's decoder positions
+
+
+@dataclass
+class WhisperCollator:
+    """Turn rows ``{"audio": path | array, "text": str, "id"?, "offset"?, "end"?}`` into a model batch.
+
+    Rows whose audio cannot be read or whose label is longer than ``max_label_tokens`` are left
+    out of the batch and listed in ``batch["skipped"]`` as ``(id, reason)``, so a bad file costs
+    one utterance and a logged line, never the run.
+    """
+
+    tokenizer: Any
+    n_mels: int = 80
+    padding: Literal["max_length", "longest"] = "max_length"
+    pad_to_multiple_of: int | None = None
+    max_label_tokens: int = MAX_LABEL_TOKENS
+    language: str = "ko"
+    task: str = "transcribe"
+    feature_device: str | torch.device | None = None
+    _prefix: list[int] = field(init=False, repr=False)
+
+    def __post_init__(self):
+        if self.padding not in ("max_length", "longest"):
+            raise ValueError(f"padding must be 'max_length' or 'longest', got {self.padding!r}")
+        self.tokenizer.set_prefix_tokens(language=self.language, task=self.task, predict_timestamps=False)
+        self._prefix = list(self.tokenizer.prefix_tokens)
+        if self.pad_to_multiple_of is None and self.padding == "longest":
+            self.pad_to_multiple_of = 2  # the encoder's stride-2 conv halves frames: keep them even
+
+    def label_ids(self, text: str) -> list[int]:
+        """Token ids the decoder must predict: prefix (minus <|startoftranscript|>), text, <|endoftext|>."""
+        ids = self._prefix + self.tokenizer.encode(text.strip(), add_special_tokens=False)
+        return ids[1:] + [self.tokenizer.eos_token_id]
+
+    def __call__(self, rows: list[dict]) -> dict:
+        audios, labels, ids, skipped = [], [], [], []
+        for i, row in enumerate(rows):
+            uid = str(row.get("id", i))
+            label = self.label_ids(row["text"])
+            if len(label) + 1 > self.max_label_tokens:  # +1: the start token the model prepends
+                skipped.append((uid, f"label has {len(label) + 1} tokens, more than {self.max_label_tokens}"))
+                continue
+            try:
+                audio = row["audio"]
+                if isinstance(audio, (str, bytes)) or hasattr(audio, "__fspath__"):
+                    audio = load_audio(audio, offset=row.get("offset"), end=row.get("end"))
+                elif isinstance(audio, dict):  # datasets Audio feature
+                    audio = _from_datasets_audio(audio, uid)
+            except AudioError as e:
+                skipped.append((uid, str(e)))
+                continue
+            audios.append(torch.as_tensor(audio, dtype=torch.float32))
+            labels.append(label)
+            ids.append(uid)
+        batch: dict = {"ids": ids, "skipped": skipped}
+        if not audios:
+            return batch
+        features, n_frames = log_mel_spectrogram(
+            audios, n_mels=self.n_mels, padding=self.padding,
+            pad_to_multiple_of=self.pad_to_multiple_of if self.padding == "longest" else None,
+            device=self.feature_device,
+        )
+        batch["input_features"] = features
+        batch["n_frames"] = n_frames
+        width = max(len(label) for label in labels)
+        batch["labels"] = torch.tensor([label + [IGNORE_INDEX] * (width - len(label)) for label in labels])
+        return batch
+
+
+def _from_datasets_audio(audio: dict, uid: str):
+    """A ``datasets`` Audio value (``{"array", "sampling_rate"}``) as 16 kHz mono float32."""
+    import librosa
+    import numpy as np
+
+    from ..audio import SAMPLE_RATE
+
+    array = np.asarray(audio.get("array"), dtype=np.float32)
+    if array.size == 0:
+        raise AudioError(audio.get("path") or uid, "empty audio")
+    if array.ndim > 1:
+        array = array.mean(axis=0)
+    sr = int(audio.get("sampling_rate") or SAMPLE_RATE)
+    return librosa.resample(array, orig_sr=sr, target_sr=SAMPLE_RATE) if sr != SAMPLE_RATE else array

@@ -1,0 +1,96 @@
+"""Collator: labels with the language/task prefix, -100 padding, both padding modes, bad rows skipped."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from asr_lora.audio import load_audio, log_mel_spectrogram
+from asr_lora.data.collator import IGNORE_INDEX, WhisperCollator
+
+from .conftest import ASSETS
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_whisper):
+    from transformers import WhisperTokenizer
+
+    return WhisperTokenizer.from_pretrained(tiny_whisper)
+
+
+def rows():
+    return [
+        {"id": "a", "audio": str(ASSETS / "ko_greeting.flac"), "text": "안녕하세요"},
+        {"id": "b", "audio": str(ASSETS / "en_fox.flac"), "text": "the quick brown fox"},
+    ]
+
+
+def test_labels_prefix_and_padding(tokenizer):
+    batch = WhisperCollator(tokenizer)(rows())
+    labels = batch["labels"]
+    ko, transcribe, notimestamps, eot = tokenizer.convert_tokens_to_ids(
+        ["<|ko|>", "<|transcribe|>", "<|notimestamps|>", "<|endoftext|>"])
+    # <|startoftranscript|> is dropped: the model prepends decoder_start_token_id when shifting
+    assert labels[:, :3].tolist() == [[ko, transcribe, notimestamps]] * 2
+    first = [t for t in labels[0].tolist() if t != IGNORE_INDEX]
+    assert tokenizer.decode(first[3:-1]) == "안녕하세요" and first[-1] == eot
+    assert (labels == IGNORE_INDEX).sum() > 0  # the shorter row is padded with -100 only at the end
+    short = labels[0] if len(first) < labels.shape[1] else labels[1]
+    pad_start = (short != IGNORE_INDEX).sum()
+    assert (short[pad_start:] == IGNORE_INDEX).all()
+    assert batch["ids"] == ["a", "b"] and batch["skipped"] == []
+
+
+def test_model_loss_uses_labels(tiny_whisper, tokenizer):
+    """The labels drive a finite loss; the model's shift prepends <|startoftranscript|>."""
+    from transformers import WhisperForConditionalGeneration
+
+    model = WhisperForConditionalGeneration.from_pretrained(tiny_whisper)
+    batch = WhisperCollator(tokenizer)(rows())
+    out = model(input_features=batch["input_features"], labels=batch["labels"])
+    assert torch.isfinite(out.loss)
+
+
+def test_max_length_mode_equals_feature_extractor_padding(tokenizer):
+    from transformers import WhisperFeatureExtractor
+
+    batch = WhisperCollator(tokenizer, padding="max_length")(rows())
+    assert batch["input_features"].shape == (2, 80, 3000)
+    ref = WhisperFeatureExtractor(feature_size=80)(
+        [load_audio(r["audio"]) for r in rows()], sampling_rate=16000, return_tensors="pt").input_features
+    assert (batch["input_features"] - ref).abs().max() < 1e-4
+    # silence padding is the extractor's value, not zeros
+    assert batch["input_features"][0, :, -1].abs().min() > 0
+
+
+def test_longest_mode_pads_to_batch(tokenizer):
+    batch = WhisperCollator(tokenizer, padding="longest", pad_to_multiple_of=8)(rows())
+    longest = max(len(load_audio(r["audio"])) for r in rows())
+    frames = batch["input_features"].shape[-1]
+    assert frames % 8 == 0 and frames >= longest / 160 and frames < longest / 160 + 9
+    full = WhisperCollator(tokenizer, padding="max_length")(rows())["input_features"]
+    assert torch.allclose(batch["input_features"], full[..., :frames], atol=1e-5)
+
+
+def test_bad_rows_are_skipped_not_fatal(tokenizer, tmp_path):
+    broken = tmp_path / "broken.flac"
+    broken.write_bytes(b"garbage")
+    data = rows() + [
+        {"id": "missing", "audio": str(tmp_path / "nope.wav"), "text": "없음"},
+        {"id": "broken", "audio": str(broken), "text": "깨짐"},
+        {"id": "long", "audio": str(ASSETS / "ko_greeting.flac"), "text": "가 " * 500},
+    ]
+    batch = WhisperCollator(tokenizer, max_label_tokens=448)(data)
+    assert batch["ids"] == ["a", "b"]
+    assert [uid for uid, _ in batch["skipped"]] == ["missing", "broken", "long"]
+    assert "nope.wav" in batch["skipped"][0][1] and "448" in batch["skipped"][2][1]
+    assert batch["input_features"].shape[0] == batch["labels"].shape[0] == 2
+
+
+def test_segment_rows(tokenizer):
+    row = {"id": "seg", "audio": str(ASSETS / "ko_greeting.flac"), "text": "안녕", "offset": 0.5, "end": 1.5}
+    batch = WhisperCollator(tokenizer, padding="longest")([row])
+    assert batch["n_frames"].tolist() == [100]
+    expected, _ = log_mel_spectrogram([load_audio(row["audio"], offset=0.5, end=1.5)], padding="longest",
+                                      pad_to_multiple_of=2)
+    assert torch.allclose(batch["input_features"], expected)

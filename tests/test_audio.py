@@ -1,0 +1,273 @@
+"""asr_lora.audio: loading real files, and log-mel parity with transformers' WhisperFeatureExtractor."""
+
+from __future__ import annotations
+
+import math
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from transformers import WhisperFeatureExtractor
+
+from asr_lora.audio import (
+    HOP_LENGTH,
+    N_FRAMES,
+    N_SAMPLES,
+    SAMPLE_RATE,
+    AudioError,
+    audio_info,
+    load_audio,
+    log_mel_spectrogram,
+)
+from asr_lora.errors import UserError
+
+ASSETS = Path(__file__).parent / "assets"
+MONO_CLIPS = ["ko_greeting.flac", "ko_finetune.flac", "en_fox.flac"]
+STEREO_44K = ASSETS / "ko_stereo_44k.wav"
+PARITY_ATOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def clips() -> list[np.ndarray]:
+    return [load_audio(ASSETS / name) for name in MONO_CLIPS] + [load_audio(STEREO_44K)]
+
+
+@pytest.fixture(scope="module", params=[80, 128])
+def n_mels(request) -> int:
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def extractor(n_mels) -> WhisperFeatureExtractor:
+    return WhisperFeatureExtractor(feature_size=n_mels)
+
+
+def reference(extractor: WhisperFeatureExtractor, audio, **kwargs) -> torch.Tensor:
+    out = extractor(audio, sampling_rate=SAMPLE_RATE, return_tensors="pt", **kwargs)
+    return out.input_features
+
+
+# --- log-mel ------------------------------------------------------------------------------------
+
+
+def test_features_match_extractor(clips, n_mels, extractor):
+    ours, n_frames = log_mel_spectrogram(clips, n_mels)
+    ref = reference(extractor, clips)
+    assert ours.shape == ref.shape == (len(clips), n_mels, N_FRAMES)
+    assert (ours - ref).abs().max().item() < PARITY_ATOL
+    assert n_frames.tolist() == [math.ceil(len(c) / HOP_LENGTH) for c in clips]
+    # the padded tail is not zero: it is the per-example floor (max - 8 + 4) / 4
+    for feats in ours:
+        assert torch.allclose(feats[:, -1], (feats.max() - 2.0).expand(n_mels), atol=1e-6)
+
+
+def test_batched_equals_per_clip(clips, n_mels):
+    batched, _ = log_mel_spectrogram(clips, n_mels)
+    for clip, row in zip(clips, batched):
+        single, n = log_mel_spectrogram(torch.from_numpy(clip)[None], n_mels)  # (1, samples) tensor
+        assert torch.allclose(single[0], row, atol=1e-6)
+        one_d, _ = log_mel_spectrogram(clip, n_mels)  # a bare 1-D waveform is a batch of one
+        assert torch.equal(one_d, single)
+
+
+def test_longest_is_max_length_prefix(clips, n_mels):
+    full, _ = log_mel_spectrogram(clips, n_mels)
+    longest, n_frames = log_mel_spectrogram(clips, n_mels, padding="longest")
+    n = math.ceil(max(map(len, clips)) / HOP_LENGTH)
+    assert longest.shape == (len(clips), n_mels, n)
+    assert n_frames.tolist() == [math.ceil(len(c) / HOP_LENGTH) for c in clips]
+    assert torch.allclose(longest, full[..., :n], atol=1e-6)
+
+    padded, _ = log_mel_spectrogram(clips, n_mels, padding="longest", pad_to_multiple_of=128)
+    assert padded.shape[-1] % 128 == 0 and padded.shape[-1] >= n
+    assert torch.allclose(padded, full[..., : padded.shape[-1]], atol=1e-6)
+
+
+@pytest.mark.parametrize("cut", [16000, 22400, 20077])
+def test_longest_single_clip_ending_mid_speech(clips, extractor, cut):
+    """A clip cut mid-word: its last frame sees its own samples up to the window edge, and the
+    frames past the cut still count for the floor. Ours equals the 30 s features' prefix
+    exactly (the extractor's padding="longest" reflects the clip at the cut instead)."""
+    clip = clips[0][:cut]
+    ours, n_frames = log_mel_spectrogram([clip], extractor.feature_size, padding="longest")
+    ref = reference(extractor, [clip])
+    assert ours.shape[-1] == n_frames.item() == math.ceil(cut / HOP_LENGTH)
+    assert (ours - ref[..., : ours.shape[-1]]).abs().max().item() < 1e-6
+
+
+def test_longest_floor_counts_frames_past_the_end(clips, extractor):
+    """The loudest moment is in the last 150 samples, so frames after the clip's last frame
+    carry the maximum; the floor must still use it, as the 30 s computation does."""
+    clip = clips[0][:20000].copy()
+    clip[-150:] *= 4.0
+    ours, _ = log_mel_spectrogram([clip], extractor.feature_size, padding="longest")
+    ref = reference(extractor, [clip])
+    assert (ours - ref[..., : ours.shape[-1]]).abs().max().item() < 1e-6
+
+
+def test_modes_agree_on_30s_clips(clips, extractor):
+    speech = np.concatenate(clips[:3])
+    lengths = [N_SAMPLES, N_SAMPLES - 30, 479_900, 475_000]
+    batch = [np.tile(speech, math.ceil(n / len(speech)))[:n] for n in lengths]
+    full, _ = log_mel_spectrogram(batch, extractor.feature_size)
+    longest, _ = log_mel_spectrogram(batch, extractor.feature_size, padding="longest")
+    assert longest.shape == full.shape
+    assert torch.equal(longest, full)
+    assert (full - reference(extractor, batch)).abs().max().item() < PARITY_ATOL
+    # rounding up past 3000 frames: the first 3000 still match, the rest is silence
+    padded, _ = log_mel_spectrogram(batch, extractor.feature_size, padding="longest", pad_to_multiple_of=128)
+    assert padded.shape[-1] == 3072
+    assert torch.equal(padded[..., :N_FRAMES], full)
+    silence = full.amax(dim=(1, 2), keepdim=True) - 2.0  # (max - 8 + 4) / 4 in feature units
+    assert torch.allclose(padded[..., N_FRAMES:], silence.expand(-1, extractor.feature_size, 72), atol=1e-6)
+
+
+def test_over_30s_only_in_longest_mode(clips):
+    long_clip = np.tile(clips[0], 12)[: N_SAMPLES + 1600]
+    with pytest.raises(ValueError, match="30 s"):
+        log_mel_spectrogram([long_clip])
+    feats, n_frames = log_mel_spectrogram([long_clip, clips[1]], padding="longest")
+    assert feats.shape == (2, 80, N_FRAMES + 10)
+    assert n_frames.tolist() == [N_FRAMES + 10, math.ceil(len(clips[1]) / HOP_LENGTH)]
+
+
+def test_short_and_silent_clips(clips, extractor):
+    batch = [clips[0][:100], np.zeros(5000, np.float32), clips[1] * 1e-5]  # tiny, silent, very quiet
+    ours, n_frames = log_mel_spectrogram(batch, extractor.feature_size)
+    assert (ours - reference(extractor, batch)).abs().max().item() < PARITY_ATOL
+    assert n_frames.tolist()[:2] == [1, 32]
+    assert torch.all(ours[1] == -1.5)  # digital silence: (log10(1e-10) + 4) / 4
+
+
+def test_bad_arguments(clips):
+    with pytest.raises(ValueError, match="n_mels"):
+        log_mel_spectrogram(clips, 64)
+    with pytest.raises(ValueError, match="padding"):
+        log_mel_spectrogram(clips, padding="do_not_pad")
+    with pytest.raises(ValueError, match="pad_to_multiple_of"):
+        log_mel_spectrogram(clips, pad_to_multiple_of=8)
+    with pytest.raises(ValueError, match="1-D"):
+        log_mel_spectrogram([np.zeros((2, 100), np.float32)])
+    with pytest.raises(TypeError, match="float"):
+        log_mel_spectrogram([np.zeros(1600, np.int16)])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_cpu(clips):
+    for padding in ("max_length", "longest"):
+        cpu, n_cpu = log_mel_spectrogram(clips, 128, padding=padding)
+        gpu, n_gpu = log_mel_spectrogram(clips, 128, padding=padding, device="cuda")
+        assert gpu.is_cuda and n_gpu.is_cuda
+        assert (gpu.cpu() - cpu).abs().max().item() < PARITY_ATOL
+        assert torch.equal(n_gpu.cpu(), n_cpu)
+
+
+# --- loading ------------------------------------------------------------------------------------
+
+
+def test_load_flac():
+    path = ASSETS / "ko_greeting.flac"
+    audio = load_audio(path)
+    assert audio.dtype == np.float32 and audio.ndim == 1
+    assert len(audio) == sf.info(str(path)).frames
+    assert 0.05 < np.abs(audio).max() <= 1.0
+    duration, sr, channels = audio_info(path)
+    assert (sr, channels) == (SAMPLE_RATE, 1) and duration == pytest.approx(len(audio) / SAMPLE_RATE)
+
+
+def test_load_stereo_44k_wav_downmixes_and_resamples(tmp_path):
+    raw, raw_sr = sf.read(str(STEREO_44K), dtype="float32")
+    assert raw_sr == 44100 and raw.shape[1] == 2
+    audio = load_audio(STEREO_44K)
+    assert audio.dtype == np.float32 and audio.ndim == 1
+    assert len(audio) == math.ceil(len(raw) * SAMPLE_RATE / raw_sr)
+    # the right channel is the left at half volume, so mono is 0.75 x left
+    left_wav = tmp_path / "left.wav"
+    sf.write(str(left_wav), raw[:, 0], raw_sr, subtype="FLOAT")
+    left = load_audio(left_wav)
+    assert np.abs(audio - 0.75 * left).max() < 1e-3
+    assert np.abs(audio).max() > 0.05
+    assert audio_info(STEREO_44K) == (pytest.approx(len(raw) / raw_sr), 44100, 2)
+
+
+def test_load_pcm_with_odd_trailing_byte(tmp_path):
+    samples = (load_audio(ASSETS / "ko_finetune.flac") * 32767).astype("<i2")
+    path = tmp_path / "KsponSpeech_000001.pcm"
+    path.write_bytes(samples.tobytes() + b"\x7f")  # odd byte: a truncated sample, dropped
+    audio = load_audio(path)
+    assert audio.dtype == np.float32 and len(audio) == len(samples)
+    np.testing.assert_array_equal(audio, samples.astype(np.float32) / 32768.0)
+    assert audio.min() >= -1.0 and audio.max() < 1.0
+    assert audio_info(path) == (len(samples) / SAMPLE_RATE, SAMPLE_RATE, 1)
+    np.testing.assert_array_equal(load_audio(path, offset=0.5, end=1.25), audio[8000:20000])
+
+
+def test_offset_end_reads_segment(tmp_path):
+    path = ASSETS / "ko_finetune.flac"
+    full = load_audio(path)
+    np.testing.assert_array_equal(load_audio(path, offset=1.0, end=2.5), full[16000:40000])
+    np.testing.assert_array_equal(load_audio(path, offset=3.0), full[48000:])
+    np.testing.assert_array_equal(load_audio(path, end=0.25), full[:4000])
+    wav = tmp_path / "clip.wav"
+    sf.write(str(wav), full, SAMPLE_RATE, subtype="FLOAT")
+    np.testing.assert_array_equal(load_audio(wav, offset=1.0, end=2.5), full[16000:40000])
+    segment = load_audio(STEREO_44K, offset=0.1, end=0.4)  # resampled segment
+    assert abs(len(segment) - 0.3 * SAMPLE_RATE) <= 1
+    with pytest.raises(ValueError):
+        load_audio(path, offset=2.0, end=1.0)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_other_formats_go_through_librosa(tmp_path):
+    clip = load_audio(ASSETS / "en_fox.flac")
+    mp3 = tmp_path / "clip.mp3"
+    sf.write(str(mp3), clip, SAMPLE_RATE, format="MP3")
+    audio = load_audio(mp3)
+    assert audio.dtype == np.float32 and audio.ndim == 1
+    assert abs(len(audio) - len(clip)) < 0.1 * SAMPLE_RATE  # encoder delay/padding
+    assert audio_info(mp3)[1:] == (SAMPLE_RATE, 1)
+
+
+def test_missing_file_names_the_file(tmp_path):
+    path = tmp_path / "nope" / "missing.flac"
+    with pytest.raises(AudioError, match="missing.flac") as err:
+        load_audio(path)
+    assert isinstance(err.value, UserError)  # the CLI prints it as one line
+    assert err.value.path == str(path) and "not found" in str(err.value)
+    assert str(pickle.loads(pickle.dumps(err.value))) == str(err.value)
+    with pytest.raises(AudioError, match="missing.flac"):
+        audio_info(path)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning", "ignore::DeprecationWarning")
+@pytest.mark.parametrize(
+    "name, data",
+    [
+        ("corrupt.flac", b"fLaC" + bytes(range(256)) * 4),
+        ("corrupt.wav", b"RIFF\x00\x00\x00\x00WAVEjunkjunk"),
+        ("empty.wav", b""),
+        ("noise.mp3", bytes(range(256)) * 8),
+    ],
+    ids=["flac", "wav", "empty-wav", "mp3"],
+)
+def test_corrupt_file_raises_audio_error(tmp_path, name, data):
+    path = tmp_path / name
+    path.write_bytes(data)
+    with pytest.raises(AudioError, match=name):
+        load_audio(path)
+
+
+def test_empty_audio_raises_audio_error(tmp_path):
+    pcm = tmp_path / "empty.pcm"
+    pcm.write_bytes(b"\x01")  # one byte: zero samples
+    with pytest.raises(AudioError, match="empty.pcm.*no audio samples"):
+        load_audio(pcm)
+    with pytest.raises(AudioError, match="ko_greeting.flac.*no audio samples"):
+        load_audio(ASSETS / "ko_greeting.flac", offset=60.0)
+    silent_wav = tmp_path / "zero_frames.wav"
+    sf.write(str(silent_wav), np.zeros(0, np.float32), SAMPLE_RATE)
+    with pytest.raises(AudioError, match="zero_frames.wav"):
+        load_audio(silent_wav)

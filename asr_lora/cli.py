@@ -78,6 +78,26 @@ def _cmd_transcribe(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .config import load_recipe
+    from .train import run_training
+
+    cfg = load_recipe(args.recipe, args.overrides)
+    trainer = run_training(cfg, resume=True if args.resume else (False if args.fresh else None),
+                           progress=not args.no_progress)
+    st = trainer.state
+    print(f"done: step {st.step}; best dev CER {st.best_cer:.4f} at step {st.best_step}; "
+          f"outputs in {cfg.train.output_dir}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(args.output_dir, args.overrides)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="asr-lora",
@@ -133,6 +153,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_prepare_manifest)
 
+    p = sub.add_parser("train", help="LoRA fine-tuning from a YAML recipe, CER on dev every N steps",
+                       description="Train a LoRA adapter on Whisper from a recipe. Override any key as "
+                       "section.key=value (e.g. train.max_steps=200 model.quant=8bit). Checkpoints go to "
+                       "<output_dir>/step-NNNNNN/, the lowest dev CER to best/, the end to final/; "
+                       "metrics.jsonl and cer.png track CER per checkpoint. A folder that already holds "
+                       "checkpoints is resumed automatically.",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="recipe keys:\n  " + "\n  ".join(_recipe_keys()))
+    p.add_argument("recipe", metavar="RECIPE", help="recipe YAML, e.g. recipes/demo/whisper-base_lora.yaml")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="recipe overrides, e.g. train.lr=3e-4")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--resume", action="store_true",
+                       help="continue from the latest complete checkpoint (the default when one exists)")
+    group.add_argument("--fresh", action="store_true",
+                       help="ignore existing checkpoints in output_dir and start from step 0")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("demo", help="zero-shot CER, LoRA training with CER per checkpoint, best checkpoint's CER",
+                       description="The end-to-end demo on CPU: score the bundled Whisper base on the demo test "
+                       "split, train the demo recipe (recipes/demo/whisper-base_lora.yaml) with CER per "
+                       "checkpoint, then score the best checkpoint and transcribe two test clips.")
+    p.add_argument("--output-dir", default=None, help="run folder (default: the recipe's, runs/demo)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="recipe overrides, e.g. train.max_steps=24")
+    p.set_defaults(func=_cmd_demo)
+
     p = sub.add_parser("transcribe", help="transcribe audio files with a Whisper model",
                        description="Transcribe audio files (up to 30 s each) with greedy decoding and print "
                        "'path<TAB>text' lines. Unreadable files are reported and skipped; the exit status is "
@@ -144,6 +190,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=128, help="generation cap (default: %(default)s)")
     p.set_defaults(func=_cmd_transcribe)
     return parser
+
+
+def _recipe_keys() -> list[str]:
+    from .config import describe
+
+    return describe()
 
 
 def _quiet_libraries() -> None:

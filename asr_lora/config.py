@@ -71,9 +71,11 @@ class DataConfig:
         "max_length", "max_length: pad every clip to 30 s (Whisper standard); longest: pad to the batch's longest clip"
     )
     max_label_tokens: int = doc(448, "drop/refuse labels longer than this many tokens (Whisper's decoder limit)")
-    num_workers: int = doc(0, "DataLoader worker processes")
 
     def __post_init__(self):
+        if self.padding == "longest":
+            raise ConfigError("data.padding=longest needs the trimmed-context encoder, which is not built yet; "
+                              "use max_length")
         if not 0 < self.max_label_tokens <= 448:
             raise ConfigError(f"data.max_label_tokens must be in 1..448, got {self.max_label_tokens}")
 
@@ -95,6 +97,7 @@ class TrainConfig:
     keep_last: int = doc(3, "checkpoints kept besides best/ and final/")
     early_stopping_patience: int = doc(0, "stop after N evals without CER improvement (0: off)")
     max_bad_steps: int = doc(5, "stop after this many non-finite losses in a row")
+    max_bad_rows: int = doc(100, "stop when more rows than this turn out unreadable during training")
 
     def __post_init__(self):
         for name in ("max_steps", "batch_size", "grad_accum", "eval_every", "save_every"):

@@ -1,11 +1,27 @@
-"""Load Whisper and its processor: bundled names resolved offline, language/task set for Korean.
+"""Load Whisper and its processor; load the frozen base for training (fp32, 8-bit or 4-bit nf4) and
+attach LoRA adapters with peft; reload a saved adapter for evaluation.
 
-The quantised loading and LoRA attachment for training build on these functions.
+bitsandbytes on CPU: bitsandbytes >= 0.48 ships CPU kernels for ``Linear8bitLt`` and ``Linear4bit``
+(``bnb.supported_torch_devices`` includes ``"cpu"``), and transformers' bitsandbytes quantizers accept
+a CPU-only machine: ``validate_environment`` only asks that one available device be supported by
+bitsandbytes, and ``update_device_map`` turns ``device_map=None`` into ``{"": "cpu"}`` when no
+accelerator is present. So quantised training runs on CPU unchanged (slowly; 8-bit casts
+activations to fp16 for the int8 matmul). Mixing "cpu" with a GPU in one device map is refused
+unless ``llm_int8_enable_fp32_cpu_offload``; we never do that.
 """
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+from typing import Literal
+
 from .bundled import resolve_model
+from .errors import UserError
+
+Quant = Literal["none", "8bit", "4bit"]
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
 
 
 def load_processor(name: str, language: str | None = "ko", task: str = "transcribe"):
@@ -26,3 +42,191 @@ def load_model(name: str, device: str | None = None, dtype=None):
     model = WhisperForConditionalGeneration.from_pretrained(resolve_model(name), **kwargs)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     return model.to(device).eval()
+
+
+# --------------------------------------------------------------------------- training base
+
+
+def _targets_gpu(device_map) -> bool:
+    """Whether ``device_map`` (None: the default device) places the model on a CUDA GPU."""
+    import torch
+
+    if device_map is None:
+        return torch.cuda.is_available()
+    values = device_map.values() if isinstance(device_map, dict) else [device_map]
+    return any(isinstance(v, int) or str(v).startswith("cuda") for v in values)
+
+
+def quantization_config(quant: Quant, compute_dtype=None, on_gpu: bool = False):
+    """``BitsAndBytesConfig`` for ``quant`` (None for "none"). 4-bit is nf4 with double quantisation,
+    computing in ``compute_dtype`` (default: bf16 on a GPU with native bf16, fp16 on older GPUs, fp32 on CPU)."""
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    if quant == "none":
+        return None
+    if quant == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    if quant == "4bit":
+        if compute_dtype is None:
+            if not on_gpu:
+                compute_dtype = torch.float32
+            else:
+                compute_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=compute_dtype)
+    raise UserError(f"model.quant must be one of none, 8bit, 4bit; got {quant!r}")
+
+
+def load_base_for_training(name: str, quant: Quant = "none", device_map=None, compute_dtype=None):
+    """The frozen-to-be base Whisper: fp32 weights, or bitsandbytes 8-bit / 4-bit (nf4) linear layers.
+
+    ``device_map={"": local_rank}`` puts the whole model on one GPU per DDP process; None lets
+    transformers pick (the current GPU for quantised models, else CPU). Non-quantised tensors
+    (embeddings, convolutions, layer norms, ``proj_out``) are loaded in fp32 whatever the checkpoint
+    stores, so hub checkpoints saved in fp16 train the same way.
+    """
+    import torch
+    from transformers import WhisperForConditionalGeneration
+
+    qconfig = quantization_config(quant, compute_dtype, on_gpu=_targets_gpu(device_map))
+    kwargs = {"device_map": device_map} if device_map is not None else {}
+    if qconfig is not None:
+        kwargs["quantization_config"] = qconfig
+    return WhisperForConditionalGeneration.from_pretrained(
+        resolve_model(name), dtype=torch.float32, attn_implementation="sdpa", **kwargs
+    )
+
+
+def prepare_for_training(model, quant: Quant, gradient_checkpointing: bool):
+    """Freeze the base and switch on non-reentrant gradient checkpointing if asked.
+
+    Quantised bases go through peft's ``prepare_model_for_kbit_training`` (freezes, upcasts stray
+    fp16/bf16 tensors to fp32). Non-reentrant checkpointing needs no ``enable_input_require_grads``
+    hack: gradients reach the LoRA weights inside checkpointed layers even though the input features
+    and the frozen conv stem do not require grad.
+    """
+    ckpt_kwargs = {"use_reentrant": False}
+    if quant != "none":
+        from peft import prepare_model_for_kbit_training
+
+        return prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=gradient_checkpointing, gradient_checkpointing_kwargs=ckpt_kwargs
+        )
+    model.requires_grad_(False)
+    if gradient_checkpointing:
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x; the old name warns
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=ckpt_kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt_kwargs)
+    return model
+
+
+# --------------------------------------------------------------------------- LoRA
+
+
+def attach_lora(model, lora_cfg):
+    """Wrap ``model`` in a ``PeftModel`` with LoRA on ``lora_cfg.target_modules``; only LoRA trains.
+
+    No ``task_type``: peft's ``SEQ_2_SEQ_LM`` wrapper passes ``input_ids`` to the base model and
+    Whisper's forward fails with "got multiple values for keyword argument 'input_ids'"; the plain
+    ``PeftModel`` passes every keyword through and still exposes ``generate``.
+    """
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    config = PeftLoraConfig(r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
+                            target_modules=list(lora_cfg.target_modules), bias="none")
+    return get_peft_model(model, config)
+
+
+def count_lora_modules(model) -> int:
+    """Number of modules that carry a LoRA adapter.
+
+    With ``target_modules=["q_proj", "v_proj"]`` the names match encoder self-attention, decoder
+    self-attention and decoder cross-attention (``encoder_attn``): 2 per encoder layer and 4 per
+    decoder layer, so 36 modules in whisper-base (6 x 2 + 6 x 4).
+    """
+    from peft.tuners.lora import LoraLayer
+
+    return sum(isinstance(module, LoraLayer) for module in model.modules())
+
+
+def _numel(param) -> int:
+    """Logical element count: bitsandbytes ``Params4bit`` packs two 4-bit values per byte."""
+    n = param.numel()
+    if param.__class__.__name__ == "Params4bit":
+        n *= 2 * param.element_size()
+    return n
+
+
+def trainable_parameters(model) -> tuple[int, int]:
+    """``(trainable, total)`` parameter counts, tied weights counted once, 4-bit weights unpacked."""
+    trainable = total = 0
+    for param in model.parameters():
+        n = _numel(param)
+        total += n
+        if param.requires_grad:
+            trainable += n
+    return trainable, total
+
+
+def trainable_summary(model) -> str:
+    """One log line, e.g. ``trainable params: 1,179,648 of 73,773,568 (1.60%)``."""
+    trainable, total = trainable_parameters(model)
+    return f"trainable params: {trainable:,} of {total:,} ({100 * trainable / max(total, 1):.2f}%)"
+
+
+def build_training_model(model_cfg, lora_cfg, device_map=None):
+    """Base (fp32/8-bit/4-bit) + training preparation + LoRA, ready for an optimizer.
+
+    The KV cache is off for training. Generation forces ``model_cfg.language``/``task`` through the
+    generation config's ``language``/``task`` fields, never the deprecated ``forced_decoder_ids``.
+    The adapter config records ``model_cfg.name`` (e.g. ``bundled:whisper-base``), not the machine's
+    resolved cache folder, so a saved adapter finds its base on any machine.
+    """
+    model = load_base_for_training(model_cfg.name, model_cfg.quant, device_map=device_map)
+    model = prepare_for_training(model, model_cfg.quant, model_cfg.gradient_checkpointing)
+    model.config.use_cache = False
+    gen = model.generation_config
+    gen.forced_decoder_ids = None
+    gen.language, gen.task = model_cfg.language, model_cfg.task
+    peft_model = attach_lora(model, lora_cfg)
+    for config in peft_model.peft_config.values():
+        config.base_model_name_or_path = model_cfg.name
+    return peft_model
+
+
+# --------------------------------------------------------------------------- saved adapters
+
+
+def adapter_base_name(adapter_dir: str | Path) -> str:
+    """The base model recorded in a saved adapter's ``adapter_config.json``."""
+    path = Path(adapter_dir) / ADAPTER_CONFIG
+    try:
+        name = json.loads(path.read_text(encoding="utf-8")).get("base_model_name_or_path")
+    except FileNotFoundError:
+        raise UserError(f"{adapter_dir}: no {ADAPTER_CONFIG}; is this a LoRA adapter folder?") from None
+    if not name:
+        raise UserError(f"{path}: base_model_name_or_path is empty; pass the base model explicitly")
+    return name
+
+
+def load_adapter_model(adapter_dir: str | Path, base: str | None = None, quant: Quant = "none", device_map=None):
+    """Base + saved LoRA adapter (safetensors only), frozen and in eval mode.
+
+    ``base`` defaults to the adapter config's ``base_model_name_or_path``. An unquantised model
+    with no ``device_map`` goes to the GPU when there is one (as :func:`load_model` does).
+    """
+    import torch
+    from peft import PeftModel
+
+    adapter_dir = Path(adapter_dir)
+    name = base or adapter_base_name(adapter_dir)
+    if not (adapter_dir / ADAPTER_WEIGHTS).is_file():
+        raise UserError(f"{adapter_dir}: no {ADAPTER_WEIGHTS} (only safetensors adapters are loaded)")
+    model = load_base_for_training(name, quant, device_map=device_map)
+    if quant == "none" and device_map is None:
+        model = model.to("cuda" if torch.cuda.is_available() else "cpu")
+    model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
+    return model.eval()

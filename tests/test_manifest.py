@@ -129,7 +129,7 @@ def test_prepare_keeps_good_rows_and_reports_every_bad_one(mixed):
     }
     for row_id, source in expected.items():
         assert by_id[row_id]["duration"] == pytest.approx(_duration(source), abs=1e-3)
-    for row in kept:  # relative to OUT when both share a folder below "/", else absolute
+    for row in kept:  # relative when the audio lies inside OUT's parent folder, else absolute
         assert os.path.isabs(row["audio"]) == (row["id"] in ("mixed-3", "mixed-4"))
         assert (out / row["audio"]).is_file()
     assert os.path.samefile(out / by_id["mixed-1"]["audio"], root / "clips" / "ko_greeting.flac")

@@ -611,10 +611,15 @@ def validate_rows(
 
 
 def _relative_to(path: str, folder: Path) -> str:
-    """``path`` relative to ``folder`` when they share a folder below the root, else as is."""
+    """``path`` relative to ``folder`` when it lies inside ``folder``'s parent, else absolute.
+
+    Audio kept next to the output (``corpus/audio`` beside ``corpus/manifests``) stays portable;
+    anything elsewhere keeps its absolute path, so moving OUT never breaks it.
+    """
+    base = folder.resolve().parent
     try:
-        if os.path.commonpath([path, folder]) == folder.anchor:
-            return path  # "../../../../x" would only break when OUT moves
+        if os.path.commonpath([os.path.abspath(path), base]) != str(base):
+            return path
         return os.path.relpath(path, folder)
     except ValueError:  # another drive (Windows)
         return path

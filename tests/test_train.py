@@ -1,0 +1,176 @@
+"""Training recipe on the tiny model: token-normalised accumulation, checkpoints, exact resume, recipes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from asr_lora.config import load_recipe
+from asr_lora.train import Trainer, latest_checkpoint, length_grouped_batches, run_training
+
+from .conftest import DEMO, REPO
+
+
+def write_manifest(path: Path, rows: list[dict]) -> str:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory):
+    """8 train rows and 3 dev rows from the demo corpus, audio paths made absolute."""
+    folder = tmp_path_factory.mktemp("data")
+
+    def take(split, n):
+        rows = [json.loads(line) for line in (DEMO / f"{split}.jsonl").read_text(encoding="utf-8").splitlines()][:n]
+        for r in rows:
+            r["audio"] = str(DEMO / r["audio"])
+        return rows
+
+    return write_manifest(folder / "train.jsonl", take("train", 8)), write_manifest(folder / "dev.jsonl", take("dev", 3))
+
+
+def recipe(tiny_whisper, small_data, out, *extra):
+    train, dev = small_data
+    return load_recipe(None, [
+        f"model.name={tiny_whisper}", "model.gradient_checkpointing=false", "lora.r=4", "lora.alpha=8",
+        "lora.dropout=0.0", f"data.train={train}", f"data.dev={dev}", f"train.output_dir={out}",
+        "train.lr=1e-2", "train.warmup_steps=0", "eval.max_new_tokens=3", "eval.batch_size=3", *extra,
+    ])
+
+
+def lora_weights(out: Path, step_dir: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(out / step_dir / "adapter_model.safetensors")
+
+
+def losses(out: Path) -> list[tuple[int, float]]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"]) for r in rows if "loss" in r]
+
+
+def test_length_grouped_batches_deterministic_and_complete():
+    durations = [float(i % 7) for i in range(100)]
+    a = length_grouped_batches(durations, 8, seed=1, epoch=0)
+    assert a == length_grouped_batches(durations, 8, seed=1, epoch=0)
+    assert a != length_grouped_batches(durations, 8, seed=1, epoch=1)
+    assert sorted(i for b in a for i in b) == list(range(100))
+
+
+def test_accumulation_matches_big_batch(tiny_whisper, small_data, tmp_path, monkeypatch):
+    """batch 8 x accum 1 and batch 2 x accum 4 give the same loss and the same gradient."""
+    grads: dict[str, dict[str, torch.Tensor]] = {}
+    original = Trainer._grads_finite
+
+    def snapshot(self):  # called once per optimizer step, right before clipping and the update
+        grads[self.out.name] = {n: p.grad.clone() for n, p in self.model.named_parameters() if p.grad is not None}
+        return original(self)
+
+    monkeypatch.setattr(Trainer, "_grads_finite", snapshot)
+    common = ["train.max_steps=1", "train.eval_every=1", "train.save_every=1"]
+    big = recipe(tiny_whisper, small_data, tmp_path / "big", "train.batch_size=8", "train.grad_accum=1", *common)
+    small = recipe(tiny_whisper, small_data, tmp_path / "small", "train.batch_size=2", "train.grad_accum=4", *common)
+    run_training(big, progress=False)
+    run_training(small, progress=False)
+    (_, loss_big), = losses(tmp_path / "big")
+    (_, loss_small), = losses(tmp_path / "small")
+    assert loss_big == pytest.approx(loss_small, rel=1e-5)
+    gb, gs = grads["big"], grads["small"]
+    assert gb.keys() == gs.keys() and len(gb) == 12 * 2  # A and B of 12 LoRA modules
+    for key in gb:
+        assert torch.allclose(gb[key], gs[key], rtol=1e-4, atol=1e-8), key
+    assert any(g.abs().sum() > 0 for k, g in gb.items() if "lora_B" in k)  # a real gradient (B starts at 0)
+    # and the update happened: B is no longer zero
+    assert any(w.abs().sum() > 0 for k, w in lora_weights(tmp_path / "big", "final").items() if "lora_B" in k)
+
+
+def test_run_folder_checkpoints_metrics_and_resume(tiny_whisper, small_data, tmp_path, monkeypatch):
+    """Stop after step 4, resume to 8: losses equal a straight 8-step run; folders are as promised."""
+    args = ["train.max_steps=8", "train.batch_size=2", "train.eval_every=2", "train.save_every=2",
+            "train.keep_last=2"]
+    straight = tmp_path / "straight"
+    run_training(recipe(tiny_whisper, small_data, straight, *args), progress=False)
+
+    interrupted = tmp_path / "interrupted"
+    original = Trainer.save_checkpoint
+
+    def stop_after_4(self, metrics=None):
+        path = original(self, metrics)
+        if self.state.step == 4:
+            raise KeyboardInterrupt("simulated stop")
+        return path
+
+    monkeypatch.setattr(Trainer, "save_checkpoint", stop_after_4)
+    with pytest.raises(KeyboardInterrupt):
+        run_training(recipe(tiny_whisper, small_data, interrupted, *args), progress=False)
+    monkeypatch.setattr(Trainer, "save_checkpoint", original)
+    assert latest_checkpoint(interrupted).name == "step-000004"
+    trainer = run_training(recipe(tiny_whisper, small_data, interrupted, *args), resume=True, progress=False)
+    assert trainer.state.step == 8
+
+    assert losses(interrupted) == pytest.approx(losses(straight), rel=1e-5)
+    assert [s for s, _ in losses(interrupted)] == list(range(1, 9))
+    for key, value in lora_weights(straight, "final").items():
+        assert torch.allclose(value, lora_weights(interrupted, "final")[key], atol=1e-6)
+
+    # run folder contents
+    names = {p.name for p in straight.iterdir()}
+    assert {"recipe.yaml", "run_info.json", "metrics.jsonl", "cer.png", "best", "final"} <= names
+    steps = sorted(n for n in names if n.startswith("step-"))
+    best = json.loads((straight / "best" / "trainer_state.json").read_text())["step"]
+    # keep the last 2 plus the best
+    assert steps[-2:] == ["step-000006", "step-000008"] and len(steps) <= 3
+    assert f"step-{best:06d}" in steps
+    evals = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in evals if "cer" in r]
+    assert [r["step"] for r in evals] == [2, 4, 6, 8]
+    for r in evals:
+        assert {"step", "cer", "cer_nospace", "wer", "swer", "eval_loss"} <= r.keys()
+    assert min(r["cer"] for r in evals) == pytest.approx(
+        [r["cer"] for r in evals if r["step"] == best][0])
+    ckpt = straight / "step-000008"
+    assert {"adapter_model.safetensors", "adapter_config.json", "optimizer.pt", "scheduler.pt", "rng.pt",
+            "trainer_state.json", "metrics.json"} <= {p.name for p in ckpt.iterdir()}
+    info = json.loads((straight / "run_info.json").read_text())
+    assert {"git_revision", "packages", "hardware"} <= info.keys()
+    assert not [p for p in straight.iterdir() if ".tmp-" in p.name]
+
+
+def test_adapter_loads_with_peft(tiny_whisper, small_data, tmp_path):
+    from peft import PeftModel
+    from transformers import WhisperForConditionalGeneration
+
+    run_training(recipe(tiny_whisper, small_data, tmp_path / "r", "train.max_steps=1", "train.batch_size=4"),
+                 progress=False)
+    model = PeftModel.from_pretrained(WhisperForConditionalGeneration.from_pretrained(tiny_whisper),
+                                      tmp_path / "r" / "final")
+    assert any("lora_A" in n for n, _ in model.named_parameters())
+
+
+def test_non_finite_loss_stops_with_clear_error(tiny_whisper, small_data, tmp_path, monkeypatch):
+    from asr_lora.train import TrainingError
+
+    monkeypatch.setattr("asr_lora.evaluate.token_loss_sum",
+                        lambda logits, labels: (logits.sum() * float("nan"), int((labels != -100).sum())))
+    cfg = recipe(tiny_whisper, small_data, tmp_path / "nan", "train.max_steps=5", "train.max_bad_steps=2",
+                 "train.batch_size=2")
+    with pytest.raises(TrainingError, match=r"2 non-finite steps in a row at step 2; last batch ids"):
+        run_training(cfg, progress=False)
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "recipes").rglob("*.yaml")), ids=lambda p: p.name)
+def test_every_recipe_validates(path):
+    cfg = load_recipe(path)
+    first = path.read_text(encoding="utf-8").splitlines()[0]
+    assert first.startswith("# asr-lora train ") and str(path.relative_to(REPO)) in first
+    assert cfg.lora.target_modules == ["q_proj", "v_proj"]
+
+
+def test_recipes_exist():
+    names = {str(p.relative_to(REPO / "recipes")) for p in (REPO / "recipes").rglob("*.yaml")}
+    assert {"kspon/whisper-large-v2_lora-8bit.yaml", "kspon/whisper-large-v3_qlora-4bit.yaml",
+            "demo/whisper-base_lora.yaml"} <= names

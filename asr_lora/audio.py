@@ -1,7 +1,7 @@
 """Audio in, Whisper log-mel features out.
 
 Loading returns float32 mono at 16 kHz (``load_audio``), whatever the container: soundfile for
-wav/flac/ogg, headerless 16-bit PCM for KsponSpeech ``.pcm``, librosa for the rest (mp3, m4a...).
+wav/flac/ogg/mp3, headerless 16-bit PCM for KsponSpeech ``.pcm``, librosa for the rest (m4a...).
 
 ``log_mel_spectrogram`` is a batched torch version (CPU or GPU) of transformers'
 ``WhisperFeatureExtractor``; with ``padding="max_length"`` it gives the extractor's numbers.
@@ -25,7 +25,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
-import librosa
 import numpy as np
 import soundfile as sf
 import soxr
@@ -96,7 +95,7 @@ def load_audio(
         elif suffix in SOUNDFILE_SUFFIXES:
             audio, file_sr = _read_soundfile(path, offset, end)
         else:
-            audio, file_sr = _read_librosa(path, offset, end)
+            audio, file_sr = _read_other(path, offset, end)
     except Exception as e:  # soundfile/audioread raise many types; the caller needs the file name
         raise AudioError(path, f"cannot decode ({type(e).__name__}: {e})") from e
 
@@ -169,7 +168,14 @@ def _read_soundfile(path: Path, offset: float | None, end: float | None) -> tupl
         return audio, f.samplerate
 
 
-def _read_librosa(path: Path, offset: float | None, end: float | None) -> tuple[np.ndarray, int]:
+def _read_other(path: Path, offset: float | None, end: float | None) -> tuple[np.ndarray, int]:
+    """mp3 and whatever else libsndfile can decode, else librosa (audioread: ffmpeg, gstreamer)."""
+    try:
+        return _read_soundfile(path, offset, end)
+    except sf.LibsndfileError:
+        pass
+    import librosa  # imported here: its first load costs seconds of imports
+
     start = offset or 0.0
     duration = None if end is None else end - start
     audio, file_sr = librosa.load(path, sr=None, mono=False, offset=start, duration=duration)
@@ -182,16 +188,40 @@ def _read_librosa(path: Path, offset: float | None, end: float | None) -> tuple[
 
 @functools.lru_cache(maxsize=None)
 def mel_filters(device: torch.device | str, n_mels: int) -> torch.Tensor:
-    """Slaney-style mel filterbank (n_mels, 1 + N_FFT // 2), the one WhisperFeatureExtractor uses.
+    """Slaney mel filterbank (n_mels, 1 + N_FFT // 2) over 0-8 kHz, the one Whisper uses.
 
-    ``librosa.filters.mel`` with htk=False, norm="slaney" equals
-    ``transformers.audio_utils.mel_filter_bank(..., norm="slaney", mel_scale="slaney")`` in
-    float32 bit for bit.
+    Bit for bit the float32 of the ``mel_filter_bank`` WhisperFeatureExtractor builds, and of
+    ``librosa.filters.mel(sr=16000, n_fft=400, n_mels=n_mels, dtype=np.float64)`` (htk=False,
+    norm="slaney"); written out here because librosa's first call costs seconds of imports.
     """
     if n_mels not in (80, 128):
         raise ValueError(f"Whisper uses 80 or 128 mel bins, got n_mels={n_mels}")
-    filters = librosa.filters.mel(sr=SAMPLE_RATE, n_fft=N_FFT, n_mels=n_mels, dtype=np.float64)
-    return torch.from_numpy(filters.astype(np.float32)).to(device)
+    fft_hz = np.fft.rfftfreq(N_FFT, d=1.0 / SAMPLE_RATE)
+    mel_hz = _mel_to_hz(np.linspace(_hz_to_mel(0.0), _hz_to_mel(SAMPLE_RATE / 2), n_mels + 2))
+    ramps = mel_hz[:, None] - fft_hz[None, :]
+    widths = np.diff(mel_hz)
+    rising = -ramps[:-2] / widths[:-1, None]
+    falling = ramps[2:] / widths[1:, None]
+    weights = np.maximum(0.0, np.minimum(rising, falling))
+    weights *= (2.0 / (mel_hz[2:] - mel_hz[:-2]))[:, None]  # slaney: constant energy per band
+    return torch.from_numpy(weights.astype(np.float32)).to(device)
+
+
+_MEL_LINEAR_HZ = 200.0 / 3  # slaney mel scale: linear below 1 kHz, logarithmic above
+_MEL_LOG_STEP = np.log(6.4) / 27.0
+
+
+def _hz_to_mel(hz: float) -> float:
+    if hz < 1000.0:
+        return hz / _MEL_LINEAR_HZ
+    return 1000.0 / _MEL_LINEAR_HZ + np.log(hz / 1000.0) / _MEL_LOG_STEP
+
+
+def _mel_to_hz(mels: np.ndarray) -> np.ndarray:
+    log_start = 1000.0 / _MEL_LINEAR_HZ
+    linear = mels * _MEL_LINEAR_HZ
+    logarithmic = 1000.0 * np.exp(_MEL_LOG_STEP * (mels - log_start))
+    return np.where(mels >= log_start, logarithmic, linear)
 
 
 def log_mel_spectrogram(

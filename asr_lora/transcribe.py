@@ -38,7 +38,7 @@ def transcribe_paths(paths: list[str], model: str, language: str = "ko", batch_s
             loaded.append((path, load_audio(Path(path))))
         except AudioError as e:
             failures.append((path, str(e)))
-            print(f"skipped {path}: {e}", file=sys.stderr)
+            print(f"skipped {path}: {e.reason}", file=sys.stderr)
     for start in range(0, len(loaded), batch_size):
         batch = loaded[start : start + batch_size]
         texts = transcribe_arrays(whisper, processor, [a for _, a in batch], language, max_new_tokens)

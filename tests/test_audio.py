@@ -221,14 +221,24 @@ def test_offset_end_reads_segment(tmp_path):
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
-def test_other_formats_go_through_librosa(tmp_path):
+def test_mp3_and_librosa_fallback(tmp_path, monkeypatch):
+    import asr_lora.audio as audio_module
+
     clip = load_audio(ASSETS / "en_fox.flac")
     mp3 = tmp_path / "clip.mp3"
     sf.write(str(mp3), clip, SAMPLE_RATE, format="MP3")
-    audio = load_audio(mp3)
+    audio = load_audio(mp3)  # libsndfile decodes mp3
     assert audio.dtype == np.float32 and audio.ndim == 1
     assert abs(len(audio) - len(clip)) < 0.1 * SAMPLE_RATE  # encoder delay/padding
     assert audio_info(mp3)[1:] == (SAMPLE_RATE, 1)
+
+    def no_libsndfile(*args):
+        raise sf.LibsndfileError(0, "pretend this container is unknown: ")
+
+    monkeypatch.setattr(audio_module, "_read_soundfile", no_libsndfile)
+    via_librosa = load_audio(mp3, offset=0.5, end=1.5)
+    assert abs(len(via_librosa) - SAMPLE_RATE) <= 1
+    assert np.abs(via_librosa - audio[8000:24000]).max() < 0.05  # same decoder, same samples
 
 
 def test_missing_file_names_the_file(tmp_path):

@@ -63,12 +63,18 @@ def evaluate_rows(model, tokenizer, collator: Callable, rows: Sequence[dict], *,
             continue
         features = batch["input_features"].to(device=device, dtype=dtype if dtype != torch.float32 else None)
         labels = batch["labels"].to(device)
-        out = model(input_features=features, labels=labels, use_cache=False)
+        # one encoder pass serves both the teacher-forced loss and generation
+        encoded = model.get_encoder()(features)
+        out = model(encoder_outputs=encoded, labels=labels, use_cache=False)
         batch_loss, batch_tokens = token_loss_sum(out.logits, labels)
         loss_sum += float(batch_loss)
         n_tokens += batch_tokens
-        generated = model.generate(input_features=features, language=language, task=task,
-                                   max_new_tokens=max_new_tokens, num_beams=num_beams, use_cache=True)
+        # bound decoding by the references: a hypothesis twice as long as its reference is already
+        # all errors, and the bound stops untuned or 8-bit models from looping to the cap
+        longest = int((labels != -100).sum(dim=1).max())
+        cap = min(max_new_tokens, 2 * longest + 8)
+        generated = model.generate(encoder_outputs=encoded, language=language, task=task,
+                                   max_new_tokens=cap, num_beams=num_beams, use_cache=True)
         texts = tokenizer.batch_decode(generated, skip_special_tokens=True)
         ids.extend(batch["ids"])
         refs.extend(text_of[i] for i in batch["ids"])

@@ -116,6 +116,7 @@ class Trainer:
         self.progress = progress
         self.out = Path(cfg.train.output_dir)
         self.state = TrainerState()
+        self._last_saved_step: int | None = None
 
     # ---------------------------------------------------------------- setup
     def setup(self) -> None:
@@ -340,6 +341,7 @@ class Trainer:
                                     f"checkpoints in {self.out} are intact; free space or fix permissions, "
                                     "then resume") from e
         acc.wait_for_everyone()
+        self._last_saved_step = st.step
         return target
 
     def _write_checkpoint(self, target: Path, metrics: dict | None) -> None:
@@ -387,13 +389,12 @@ class Trainer:
                 shutil.rmtree(self.out / f"step-{step:06d}", ignore_errors=True)
 
     def _save_final(self) -> None:
-        acc = self.accelerator
-        acc.wait_for_everyone()
+        """Copy the last checkpoint to ``final/`` (saving it first if the loop ended between saves)."""
+        acc, st = self.accelerator, self.state
+        if self._last_saved_step != st.step:  # e.g. early stopping; same decision on every process
+            self.save_checkpoint(None)
         if acc.is_main_process:
-            latest = self.out / f"step-{self.state.step:06d}"
-            if not latest.is_dir():
-                self.save_checkpoint(None)
-            self._copy_atomic(latest, self.out / "final")
+            self._copy_atomic(self.out / f"step-{st.step:06d}", self.out / "final")
         acc.wait_for_everyone()
 
     def _load_checkpoint(self, path: Path) -> None:

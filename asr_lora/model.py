@@ -1,13 +1,13 @@
 """Load Whisper and its processor; load the frozen base for training (fp32, 8-bit or 4-bit nf4) and
 attach LoRA adapters with peft; reload a saved adapter for evaluation.
 
-bitsandbytes on CPU: bitsandbytes >= 0.48 ships CPU kernels for ``Linear8bitLt`` and ``Linear4bit``
-(``bnb.supported_torch_devices`` includes ``"cpu"``), and transformers' bitsandbytes quantizers accept
-a CPU-only machine: ``validate_environment`` only asks that one available device be supported by
-bitsandbytes, and ``update_device_map`` turns ``device_map=None`` into ``{"": "cpu"}`` when no
-accelerator is present. So quantised training runs on CPU unchanged (slowly; 8-bit casts
-activations to fp16 for the int8 matmul). Mixing "cpu" with a GPU in one device map is refused
-unless ``llm_int8_enable_fp32_cpu_offload``; we never do that.
+bitsandbytes on CPU (checked with bitsandbytes 0.50, transformers 5.23): bitsandbytes has CPU
+kernels for ``Linear8bitLt`` and ``Linear4bit`` (``bnb.supported_torch_devices`` includes "cpu"),
+and transformers' bitsandbytes quantizers accept a CPU-only machine: ``validate_environment`` only
+asks that one available device be supported by bitsandbytes, and ``update_device_map`` turns
+``device_map=None`` into ``{"": "cpu"}`` when no accelerator is present. So quantised training runs
+on CPU unchanged (slowly; 8-bit casts activations to fp16 for the int8 matmul). Mixing "cpu" with a
+GPU in one device map is refused unless ``llm_int8_enable_fp32_cpu_offload``; we never do that.
 """
 
 from __future__ import annotations
@@ -115,7 +115,7 @@ def prepare_for_training(model, quant: Quant, gradient_checkpointing: bool):
         )
     model.requires_grad_(False)
     if gradient_checkpointing:
-        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x; the old name warns
+        if hasattr(model, "activation_checkpointing_enable"):  # newer 5.x (not 5.0); the old name warns
             model.activation_checkpointing_enable(activation_checkpointing_kwargs=ckpt_kwargs)
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt_kwargs)

@@ -44,6 +44,10 @@ class ModelConfig:
     language: str = doc("ko", "language token forced in labels and generation (always force it for Korean)")
     task: Literal["transcribe", "translate"] = doc("transcribe", "Whisper task token")
     gradient_checkpointing: bool = doc(True, "trade compute for memory (non-reentrant)")
+    audio_context: Literal["full", "trimmed"] = doc(
+        "full", "full: pad every clip to 30 s (Whisper standard); trimmed: pad each batch to its longest clip and "
+        "run the encoder on only those frames (several times faster; recorded in checkpoints and applied by "
+        "eval/merge/transcribe)")
 
 
 @dataclass
@@ -67,15 +71,9 @@ class DataConfig:
     train: str = doc("data/demo/train.jsonl", "training manifest (JSONL)")
     dev: str = doc("data/demo/dev.jsonl", "dev manifest scored every eval_every steps")
     test: str | None = doc(None, "optional test manifest for final scoring")
-    padding: Literal["max_length", "longest"] = doc(
-        "max_length", "max_length: pad every clip to 30 s (Whisper standard); longest: pad to the batch's longest clip"
-    )
     max_label_tokens: int = doc(448, "drop/refuse labels longer than this many tokens (Whisper's decoder limit)")
 
     def __post_init__(self):
-        if self.padding == "longest":
-            raise ConfigError("data.padding=longest needs the trimmed-context encoder, which is not built yet; "
-                              "use max_length")
         if not 0 < self.max_label_tokens <= 448:
             raise ConfigError(f"data.max_label_tokens must be in 1..448, got {self.max_label_tokens}")
 

@@ -31,6 +31,7 @@ def run_demo(output_dir: str | None = None, overrides: list[str] = (), recipe: P
     from .data.collator import WhisperCollator
     from .model import load_adapter_model, load_model
     from .train import read_rows, run_training
+    from .trimmed import COLLATOR_PADDING, audio_context_of
 
     overrides = list(overrides) + ([f"train.output_dir={output_dir}"] if output_dir else [])
     cfg = load_recipe(recipe, overrides)
@@ -41,11 +42,14 @@ def run_demo(output_dir: str | None = None, overrides: list[str] = (), recipe: P
     out = Path(cfg.train.output_dir)
     test_rows = read_rows(cfg.data.test)
     processor = WhisperProcessor.from_pretrained(resolve_model(cfg.model.name))
-    collator = WhisperCollator(processor.tokenizer, n_mels=processor.feature_extractor.feature_size,
-                               padding=cfg.data.padding, language=cfg.model.language, task=cfg.model.task)
+    def collator_for(mode: str) -> WhisperCollator:
+        return WhisperCollator(processor.tokenizer, n_mels=processor.feature_extractor.feature_size,
+                               padding=COLLATOR_PADDING[mode], language=cfg.model.language, task=cfg.model.task)
+
     t0 = time.perf_counter()
     print(f"[1/4] zero-shot: scoring {cfg.model.name} on {len(test_rows)} test clips ({cfg.data.test})", flush=True)
-    base = _score(load_model(cfg.model.name), processor.tokenizer, collator, test_rows, cfg)
+    # the untuned base is scored in its native 30 s context: trimmed input breaks it until LoRA adapts it
+    base = _score(load_model(cfg.model.name), processor.tokenizer, collator_for("full"), test_rows, cfg)
     print(f"      zero-shot test CER {base.report.cer:.4f} (CER without spaces {base.report.cer_nospace:.4f})", flush=True)
 
     print(f"[2/4] training LoRA: {cfg.train.max_steps} steps, batch {cfg.train.batch_size}, "
@@ -56,7 +60,7 @@ def run_demo(output_dir: str | None = None, overrides: list[str] = (), recipe: P
     best_dir = out / "best"
     print(f"[3/4] scoring the best checkpoint (step {trainer.state.best_step}) on the test clips", flush=True)
     tuned_model = load_adapter_model(best_dir)
-    tuned = _score(tuned_model, processor.tokenizer, collator, test_rows, cfg)
+    tuned = _score(tuned_model, processor.tokenizer, collator_for(audio_context_of(tuned_model)), test_rows, cfg)
 
     print("[4/4] two test clips transcribed with the best checkpoint:", flush=True)
     examples = []

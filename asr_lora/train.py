@@ -40,6 +40,7 @@ from .errors import UserError
 
 STEP_DIR = re.compile(r"^step-(\d{6,})$")
 TRAINER_STATE = "trainer_state.json"
+RUN_META = "asr_lora.json"
 
 
 class TrainingError(UserError):
@@ -126,6 +127,7 @@ class Trainer:
         from .bundled import resolve_model
         from .data.collator import WhisperCollator
         from .model import build_training_model
+        from .trimmed import COLLATOR_PADDING, apply_audio_context
 
         cfg = self.cfg
         self.accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision,
@@ -146,8 +148,10 @@ class Trainer:
         self.tokenizer = self.processor.tokenizer
         device_map = {"": acc.local_process_index} if cfg.model.quant != "none" and torch.cuda.is_available() else None
         model = build_training_model(cfg.model, cfg.lora, device_map=device_map)
+        apply_audio_context(model, cfg.model.audio_context)
         self.n_mels = model.config.num_mel_bins if hasattr(model, "config") else 80
-        self.collator = WhisperCollator(self.tokenizer, n_mels=self.n_mels, padding=cfg.data.padding,
+        self.collator = WhisperCollator(self.tokenizer, n_mels=self.n_mels,
+                                        padding=COLLATOR_PADDING[cfg.model.audio_context],
                                         max_label_tokens=cfg.data.max_label_tokens,
                                         language=cfg.model.language, task=cfg.model.task)
         params = [p for p in model.parameters() if p.requires_grad]
@@ -348,6 +352,7 @@ class Trainer:
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=self.out))
         try:
             self.accelerator.unwrap_model(self.model).save_pretrained(tmp, safe_serialization=True)
+            write_run_meta(tmp, self.cfg)
             torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
             torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
             rng = {"torch": torch.get_rng_state()}
@@ -513,6 +518,13 @@ class Trainer:
         if hasattr(self, "_tb"):
             self._tb.close()
         self.accelerator.end_training()
+
+
+def write_run_meta(folder: Path, cfg: RecipeConfig) -> None:
+    """``asr_lora.json`` beside the adapter: what later commands must apply without being told."""
+    meta = {"base_model": cfg.model.name, "audio_context": cfg.model.audio_context,
+            "language": cfg.model.language, "task": cfg.model.task, "quant": cfg.model.quant}
+    (folder / RUN_META).write_text(json.dumps(meta, indent=2))
 
 
 def checkpoint_steps(out: Path) -> list[int]:

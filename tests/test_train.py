@@ -187,7 +187,8 @@ def test_ddp_two_cpu_processes_match_accumulation(tiny_whisper, small_data, tmp_
     import sys
 
     train, dev = small_data
-    common = [f"model.name={tiny_whisper}", "model.gradient_checkpointing=false", "lora.r=4", "lora.alpha=8",
+    common = [f"model.name={tiny_whisper}", "model.audio_context=full", "model.gradient_checkpointing=false",
+              "lora.r=4", "lora.alpha=8",
               "lora.dropout=0.0", f"data.train={train}", f"data.dev={dev}", "train.lr=1e-2",
               "train.warmup_steps=0", "eval.max_new_tokens=3", "train.max_steps=3", "train.batch_size=2",
               "train.eval_every=3", "train.save_every=3"]

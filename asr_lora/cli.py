@@ -73,9 +73,77 @@ def _cmd_prepare_manifest(args: argparse.Namespace) -> int:
 def _cmd_transcribe(args: argparse.Namespace) -> int:
     from .transcribe import transcribe_paths
 
-    failures = transcribe_paths(args.paths, model=args.model, language=args.language,
-                                batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
+    failures = transcribe_paths(args.paths, model=args.model, adapter=args.adapter, merged=args.merged, ct2=args.ct2,
+                                language=args.language, fmt=args.format, out=args.out, batch_size=args.batch_size,
+                                max_new_tokens=args.max_new_tokens, progress=not args.no_progress)
     return 1 if failures else 0
+
+
+def _model_source(args: argparse.Namespace) -> dict:
+    """The one model source of eval/transcribe; the bundled base when none is given."""
+    if args.model is None and args.adapter is None and args.merged is None and args.ct2 is None:
+        args.model = DEFAULT_MODEL
+    return {"model": args.model, "adapter": args.adapter, "merged": args.merged, "ct2": args.ct2}
+
+
+def _default_eval_dir(source: dict, manifest: str) -> Path:
+    """``eval-<model>-<manifest stem>`` in the current folder; checkpoints named with their run
+    (``eval-demo-best-dev``), the bundled base by its name (``eval-whisper-base-dev``)."""
+    kind, value = next((k, v) for k, v in source.items() if v is not None)
+    path = Path(str(value).split(":", 1)[-1] if str(value).startswith("bundled:") else str(value))
+    name = path.name or "model"
+    if kind in ("adapter", "merged", "ct2") and (name in ("best", "final") or name.startswith("step-")):
+        name = f"{path.resolve().parent.name}-{name}"
+    return Path(f"eval-{name}-{Path(manifest).stem}")
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from .backends import load_transcriber
+    from .evaluate import evaluate_manifest, write_eval_outputs
+
+    source = _model_source(args)
+    out = Path(args.out) if args.out else _default_eval_dir(source, args.data)
+    transcriber = load_transcriber(**source, language=args.language, max_new_tokens=args.max_new_tokens)
+    result = evaluate_manifest(transcriber, args.data, batch_size=args.batch_size, limit=args.limit,
+                               progress=not args.no_progress)
+    meta = {"model": transcriber.description, "manifest": str(Path(args.data).resolve()),
+            "language": transcriber.settings.language, "audio_context": transcriber.settings.audio_context,
+            "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens}
+    write_eval_outputs(result, out, meta)
+    s = result.summary()
+    for uid_reason in result.skipped:
+        print(f"skipped {uid_reason['id']}: {uid_reason['reason']}", file=sys.stderr)
+    rtf = f"{s['rtf']:.4f}" if s["rtf"] is not None else "n/a"
+    print(f"{s['n']} utterances ({s['skipped']} skipped): CER {s['cer']:.4f}, CER without spaces "
+          f"{s['cer_nospace']:.4f}, WER {s['wer']:.4f}, sWER {s['swer']:.4f}; loops {s['loop_fraction']:.1%}, "
+          f"insertions {s['insertion_rate']:.4f}, length ratio {s['length_ratio']:.3f}; RTF {rtf}")
+    print(f"results in {out}/ (summary.json, summary.md, utterances.jsonl)")
+    return 0
+
+
+def _cmd_merge(args: argparse.Namespace) -> int:
+    from .export import merge_adapter
+
+    report = merge_adapter(args.checkpoint, args.out, dtype=args.dtype, data=args.data, n_clips=args.n_clips,
+                           max_new_tokens=args.max_new_tokens, tolerance=args.tolerance)
+    print(f"merged {args.checkpoint} into {args.out} ({args.dtype}); parity on {report['n']} clips: transcripts "
+          f"identical, max |logit diff| {report['max_abs_logit_diff']:.3g} <= {report['tolerance']:g}; "
+          f"report in {Path(args.out) / 'merge_report.json'}")
+    return 0
+
+
+def _cmd_export_ct2(args: argparse.Namespace) -> int:
+    from .export import export_ct2
+
+    report = export_ct2(args.merged_dir, args.out, quantization=args.quantization, data=args.data,
+                        n_clips=args.n_clips, max_new_tokens=args.max_new_tokens, tolerance=args.tolerance)
+    print(f"exported {args.merged_dir} to {args.out} (CTranslate2 {args.quantization}); CER on {report['n']} clips: "
+          f"{report['cer_ct2']:.4f} vs {report['cer_hf']:.4f} merged HF ({report['cer_diff']:+.4f}, tolerance "
+          f"{report['tolerance']:g}); {report['transcripts_identical_fraction']:.0%} of transcripts identical; "
+          f"report in {Path(args.out) / 'export_report.json'}")
+    if report["audio_context"] != "full":
+        print(f"audio context: {report['audio_context_note']}")
+    return 0
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -179,17 +247,93 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="recipe overrides, e.g. train.max_steps=24")
     p.set_defaults(func=_cmd_demo)
 
-    p = sub.add_parser("transcribe", help="transcribe audio files with a Whisper model",
-                       description="Transcribe audio files (up to 30 s each) with greedy decoding and print "
-                       "'path<TAB>text' lines. Unreadable files are reported and skipped; the exit status is "
-                       "1 if any file failed.")
-    p.add_argument("paths", nargs="+", metavar="PATH", help="audio files")
-    p.add_argument("--model", default=DEFAULT_MODEL, help="model name or folder (default: %(default)s)")
-    p.add_argument("--language", default="ko", help="forced language token (default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=8, help="clips per batch (default: %(default)s)")
-    p.add_argument("--max-new-tokens", type=int, default=128, help="generation cap (default: %(default)s)")
+    p = sub.add_parser("transcribe", help="transcribe files, folders or manifests (any length, several formats)",
+                       description="Transcribe audio files, folders (searched recursively) and JSONL manifests "
+                       "with a base model, a LoRA checkpoint (no merge needed), a merged folder or a CTranslate2 "
+                       "export; greedy decoding with the language forced. Audio longer than 30 s is cut into "
+                       "25-30 s windows at the quietest 200 ms, and segment timestamps are the window "
+                       "boundaries. Without --out, txt prints 'path<TAB>text' lines (manifest rows: "
+                       "'id<TAB>text'), tsv and json (one object per line) print to stdout too; with --out "
+                       "each input gets OUT/<stem>.<format> (tsv: one OUT/transcripts.tsv). Unreadable "
+                       "inputs are reported and skipped; the exit status is 1 if any failed.")
+    p.add_argument("paths", nargs="+", metavar="PATH", help="audio files, folders or .jsonl manifests")
+    _add_model_source(p)
+    p.add_argument("--language", default=None,
+                   help="forced language token (default: the checkpoint's recorded language, else ko)")
+    p.add_argument("--format", choices=["txt", "srt", "vtt", "json", "tsv"], default="txt",
+                   help="output format (default: %(default)s)")
+    p.add_argument("--out", default=None, help="output folder (default: print to stdout)")
+    p.add_argument("--batch-size", type=int, default=8, help="30 s windows per batch (default: %(default)s)")
+    p.add_argument("--max-new-tokens", type=int, default=224,
+                   help="generation cap per window (default: %(default)s, half Whisper's 448 positions)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_transcribe)
+
+    p = sub.add_parser("eval", help="score a model on a manifest: CER, WER, sWER, hallucination indicators, RTF",
+                       description="Batched greedy decoding of a manifest (clips up to 30 s) with any model "
+                       "source, scored with the Korean metrics. Writes OUT/summary.json (n, cer, "
+                       "cer_nospace, wer, swer, insertion_rate, loop_fraction, length_ratio, decode_seconds, "
+                       "audio_seconds, rtf, skipped), OUT/utterances.jsonl and OUT/summary.md (with the 10 "
+                       "worst utterances). Unreadable rows are reported and skipped.")
+    p.add_argument("--data", required=True, metavar="MANIFEST", help="JSONL manifest with references")
+    _add_model_source(p)
+    p.add_argument("--out", default=None,
+                   help="output folder (default: ./eval-<model>-<manifest stem>, e.g. eval-demo-best-dev)")
+    p.add_argument("--batch-size", type=int, default=16, help="clips per batch (default: %(default)s)")
+    p.add_argument("--language", default=None,
+                   help="forced language token (default: the checkpoint's recorded language, else ko)")
+    p.add_argument("--max-new-tokens", type=int, default=224, help="generation cap (default: %(default)s)")
+    p.add_argument("--limit", type=int, default=None, help="score only the first N rows")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("merge", help="merge a LoRA checkpoint into its base, with a parity check",
+                       description="Load the checkpoint's base unquantised (never merging into 8-/4-bit "
+                       "weights), fold the adapter in (peft merge_and_unload), cast to --dtype and save "
+                       "safetensors + processor + a generation config forcing the checkpoint's language "
+                       "(default ko) and transcription, so that transformers.pipeline('automatic-speech-"
+                       "recognition', model=OUT) needs no arguments. The saved folder is reloaded and "
+                       "compared with the unmerged adapter on dev clips: greedy transcripts must be identical "
+                       "and logits within 1e-3 (float32; 0.25 float16, 2.0 bfloat16). The folder appears "
+                       "only when the check passes; otherwise its report goes to OUT.failed/ and the exit "
+                       "status is 2.")
+    p.add_argument("checkpoint", metavar="CHECKPOINT", help="LoRA checkpoint folder, e.g. runs/demo/best")
+    p.add_argument("--out", required=True, help="output folder for the merged model (must not exist)")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32",
+                   help="precision of the saved weights (default: %(default)s; float16 halves the size for GPU use)")
+    _add_parity_options(p, "logit tolerance (default: by dtype)")
+    p.set_defaults(func=_cmd_merge)
+
+    p = sub.add_parser("export-ct2", help="convert a merged model to CTranslate2 (faster-whisper), with a CER check",
+                       description="Convert a merged folder with ctranslate2's TransformersConverter, add "
+                       "tokenizer.json and the preprocessor_config.json faster-whisper reads (feature_size = "
+                       "the model's mel bins), then compare the export's CER with the merged HF model's on "
+                       "dev clips (report in OUT/export_report.json). The folder appears only when the CER "
+                       "increase is within tolerance; otherwise the exit status is 2.")
+    p.add_argument("merged_dir", metavar="MERGED_DIR", help="output folder of 'asr-lora merge'")
+    p.add_argument("--out", required=True, help="output folder for the CTranslate2 model (must not exist)")
+    p.add_argument("--quantization", choices=["int8", "int8_float16", "float16", "float32"], default="int8",
+                   help="CTranslate2 weight type (default: %(default)s)")
+    _add_parity_options(p, "largest allowed CER increase, absolute (default: 0.005 float32, 0.01 float16, 0.02 int8)")
+    p.set_defaults(func=_cmd_export_ct2)
     return parser
+
+
+def _add_model_source(p: argparse.ArgumentParser) -> None:
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--model", default=None, help=f"base model name or folder (default: {DEFAULT_MODEL})")
+    group.add_argument("--adapter", default=None, metavar="DIR", help="LoRA checkpoint folder (no merge needed)")
+    group.add_argument("--merged", default=None, metavar="DIR", help="folder written by 'asr-lora merge'")
+    group.add_argument("--ct2", default=None, metavar="DIR", help="folder written by 'asr-lora export-ct2'")
+
+
+def _add_parity_options(p: argparse.ArgumentParser, tolerance_help: str) -> None:
+    p.add_argument("--data", default=None, metavar="MANIFEST",
+                   help="dev clips for the parity check (default: data.dev of the run's recipe.yaml, else "
+                   "data/demo/dev.jsonl)")
+    p.add_argument("--n-clips", type=int, default=8, help="clips in the parity check (default: %(default)s)")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="generation cap in the check (default: %(default)s)")
+    p.add_argument("--tolerance", type=float, default=None, help=tolerance_help)
 
 
 def _recipe_keys() -> list[str]:
@@ -208,6 +352,9 @@ def _quiet_libraries() -> None:
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)  # deprecation notices inside transformers/peft
 
 
 def main(argv: list[str] | None = None) -> int:

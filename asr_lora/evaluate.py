@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
@@ -86,3 +87,159 @@ def evaluate_rows(model, tokenizer, collator: Callable, rows: Sequence[dict], *,
     report = score(refs, hyps, ids=ids)
     return EvalResult(report=report, eval_loss=loss_sum / max(n_tokens, 1), seconds=time.perf_counter() - start,
                       ids=ids, refs=refs, hyps=hyps, skipped=skipped)
+
+
+# --------------------------------------------------------------------------- `asr-lora eval`
+
+SUMMARY_KEYS = ("n", "cer", "cer_nospace", "wer", "swer", "insertion_rate", "loop_fraction", "length_ratio",
+                "decode_seconds", "audio_seconds", "rtf", "skipped")
+WORST_SHOWN = 10
+
+
+def hypothesis_loops(hyp: str, ref: str = "") -> bool:
+    """Whether ``hyp`` holds a decoding loop that ``ref`` does not: a 1..4-word n-gram 4 times in a row,
+    or (Korean often loops without spaces) a 1..10-character n-gram 4 times in a row."""
+    from .metrics import repeated_ngram_loop
+
+    def loops(text: str) -> bool:
+        return repeated_ngram_loop(text, n=4, min_repeats=4, unit="word") or \
+            repeated_ngram_loop(text, n=10, min_repeats=4, unit="char")
+
+    return loops(hyp) and not loops(ref)
+
+
+@dataclass
+class ManifestEval:
+    """Transcripts and scores of one manifest, with timing and the rows that could not be scored."""
+
+    report: Report
+    rows: list[dict]  # per utterance: id, audio, duration, ref, hyp, loop
+    decode_seconds: float
+    audio_seconds: float
+    skipped: list[dict]  # {"id", "reason"}
+
+    def summary(self) -> dict:
+        r = self.report
+        loops = sum(row["loop"] for row in self.rows)
+        return {"n": r.n, "cer": r.cer, "cer_nospace": r.cer_nospace, "wer": r.wer, "swer": r.swer,
+                "insertion_rate": r.insertion_rate, "loop_fraction": loops / max(r.n, 1),
+                "length_ratio": r.length_ratio, "decode_seconds": round(self.decode_seconds, 3),
+                "audio_seconds": round(self.audio_seconds, 3),
+                "rtf": self.decode_seconds / self.audio_seconds if self.audio_seconds else None,
+                "skipped": len(self.skipped), "skipped_rows": self.skipped, "n_loops": loops}
+
+    def utterances(self) -> list[dict]:
+        """utterances.jsonl lines: the row, its character errors and rates, the loop flag."""
+        out = []
+        for row, u in zip(self.rows, self.report.utterances):
+            out.append({"id": row["id"], "audio": row["audio"], "duration": row["duration"],
+                        "ref": row["ref"], "hyp": row["hyp"], "errors": u["char_errors"],
+                        "ref_chars": u["ref_chars"], "cer": u["cer"], "cer_nospace": u["cer_nospace"],
+                        "wer": u["wer"], "loop": row["loop"]})
+        return out
+
+
+def evaluate_manifest(transcriber, manifest: str | Path, *, batch_size: int = 16, limit: int | None = None,
+                      progress: bool = True) -> ManifestEval:
+    """Transcribe every row of ``manifest`` in batches with ``transcriber`` (see
+    :func:`asr_lora.backends.load_transcriber`) and score it. Malformed rows, unreadable audio and
+    clips longer than 30 s are skipped with a reason, never fatal. ``decode_seconds`` counts
+    features + decoding, not audio loading."""
+    from tqdm import tqdm
+
+    from .audio import N_SAMPLES, SAMPLE_RATE, AudioError, load_audio
+    from .data.manifest import BadRow, read_manifest
+    from .errors import UserError
+
+    manifest = Path(manifest)
+    entries = list(read_manifest(manifest))
+    if limit:
+        entries = entries[:limit]
+    rows, skipped = [], []
+    decode_seconds = audio_seconds = 0.0
+    pending: list[tuple[dict, object]] = []
+
+    def flush() -> None:
+        nonlocal decode_seconds
+        if not pending:
+            return
+        start = time.perf_counter()
+        hyps = transcriber.transcribe_batch([audio for _, audio in pending])
+        decode_seconds += time.perf_counter() - start
+        for (row, _), hyp in zip(pending, hyps):
+            rows.append({**row, "hyp": hyp, "loop": hypothesis_loops(hyp, row["ref"])})
+        pending.clear()
+
+    for entry in tqdm(entries, desc="eval", unit="utt", disable=not progress, leave=False):
+        if isinstance(entry, BadRow):
+            skipped.append({"id": f"line {entry.line}", "reason": f"{entry.reason}: {entry.detail}".rstrip(": ")})
+            continue
+        uid = entry.id or f"{manifest.stem}-{entry.line}"
+        try:
+            audio = load_audio(entry.audio, offset=entry.offset, end=entry.end)
+        except AudioError as e:
+            skipped.append({"id": uid, "reason": str(e)})
+            continue
+        if len(audio) > N_SAMPLES:
+            skipped.append({"id": uid, "reason": f"longer than 30 s ({len(audio) / SAMPLE_RATE:.1f} s); "
+                                                 "eval scores single Whisper windows, use transcribe for long audio"})
+            continue
+        duration = len(audio) / SAMPLE_RATE
+        audio_seconds += duration
+        pending.append(({"id": uid, "audio": entry.audio, "duration": round(duration, 3), "ref": entry.text}, audio))
+        if len(pending) >= batch_size:
+            flush()
+    flush()
+    if not rows:
+        raise UserError(f"{manifest}: nothing to evaluate, all {len(entries)} rows skipped "
+                        f"(first: {skipped[0]['id']}: {skipped[0]['reason']})" if skipped else f"{manifest}: no rows")
+    report = score([r["ref"] for r in rows], [r["hyp"] for r in rows], ids=[r["id"] for r in rows])
+    return ManifestEval(report=report, rows=rows, decode_seconds=decode_seconds, audio_seconds=audio_seconds,
+                        skipped=skipped)
+
+
+def _md_cell(text: str, width: int = 120) -> str:
+    text = " ".join(str(text).split()).replace("|", "\\|")
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def summary_markdown(result: ManifestEval, meta: dict) -> str:
+    """summary.md: the metrics table, the worst utterances by character errors, the skipped rows."""
+    s = result.summary()
+    pct = lambda x: f"{100 * x:.2f}%"  # noqa: E731
+    lines = [f"# Evaluation of {meta.get('model', 'model')}", "",
+             f"Manifest `{meta.get('manifest')}`: {s['n']} utterances scored, {s['skipped']} skipped; "
+             f"{s['audio_seconds']:.1f} s of audio decoded in {s['decode_seconds']:.1f} s "
+             f"(batch {meta.get('batch_size')}, language {meta.get('language')}).", "",
+             "| metric | value |", "|---|---|",
+             f"| CER | {pct(s['cer'])} |", f"| CER without spaces | {pct(s['cer_nospace'])} |",
+             f"| WER | {pct(s['wer'])} |", f"| sWER (re-spaced) | {pct(s['swer'])} |",
+             f"| insertion rate (chars) | {pct(s['insertion_rate'])} |",
+             f"| hypotheses with a loop | {s['n_loops']} ({pct(s['loop_fraction'])}) |",
+             f"| length ratio hyp/ref | {s['length_ratio']:.3f} |",
+             f"| real-time factor | {s['rtf']:.4f} |" if s["rtf"] is not None else "| real-time factor | n/a |",
+             "", f"## Worst {WORST_SHOWN} utterances (by character errors)", "",
+             "| id | errors | CER | loop | reference | hypothesis |", "|---|---:|---:|---|---|---|"]
+    worst = sorted(result.utterances(), key=lambda u: (-u["errors"], u["id"]))[:WORST_SHOWN]
+    for u in worst:
+        lines.append(f"| {_md_cell(u['id'], 40)} | {u['errors']} | {pct(u['cer'])} | {'yes' if u['loop'] else ''} "
+                     f"| {_md_cell(u['ref'])} | {_md_cell(u['hyp'])} |")
+    if result.skipped:
+        lines += ["", f"## Skipped ({len(result.skipped)})", "", "| id | reason |", "|---|---|"]
+        lines += [f"| {_md_cell(x['id'], 40)} | {_md_cell(x['reason'], 200)} |" for x in result.skipped]
+    return "\n".join(lines) + "\n"
+
+
+def write_eval_outputs(result: ManifestEval, out: str | Path, meta: dict) -> Path:
+    """``out/summary.json``, ``out/utterances.jsonl`` and ``out/summary.md``; returns ``out``."""
+    import json
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    summary = {**result.summary(), **meta}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    with open(out / "utterances.jsonl", "w", encoding="utf-8") as fh:
+        for u in result.utterances():
+            fh.write(json.dumps(u, ensure_ascii=False) + "\n")
+    (out / "summary.md").write_text(summary_markdown(result, meta), encoding="utf-8")
+    return out

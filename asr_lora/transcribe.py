@@ -1,49 +1,312 @@
-"""Transcribe audio files with a Whisper model (files up to 30 s; greedy decoding).
+"""Transcribe files, folders and manifests with any model source (base, adapter, merged, CTranslate2).
 
-Unreadable files are reported and skipped; the rest are still transcribed.
+Inputs: audio files; folders (searched recursively for :data:`AUDIO_SUFFIXES`); JSONL manifests
+(each row is one input, its ``id`` naming it, ``offset``/``end`` honoured). Unreadable inputs are
+reported on stderr and skipped; the rest are still transcribed.
+
+Long audio: a file of at most 30 s is one window. A longer one is cut into windows of 25-30 s, each
+cut placed at the quietest 200 ms (lowest mean energy) between 25 s and 30 s after the window's
+start, so words are rarely split; the last window is whatever is left (at most 30 s), and a cut is
+never placed less than 5 s before the end of the file. Segment timestamps are the window
+boundaries: monotonic, contiguous, covering the whole file.
+
+Output formats: ``txt`` (the whole text), ``srt`` and ``vtt`` (one cue per non-empty window),
+``json`` (text and segments), ``tsv`` (one row per segment: path, start, end, text).
 """
 
 from __future__ import annotations
 
+import json
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TextIO
 
-from .audio import AudioError, load_audio, log_mel_spectrogram
-from .model import load_model, load_processor
+import numpy as np
+
+from .audio import SAMPLE_RATE, AudioError, load_audio
+from .errors import UserError
+
+FORMATS = ("txt", "srt", "vtt", "json", "tsv")
+AUDIO_SUFFIXES = frozenset({".wav", ".wave", ".flac", ".mp3", ".ogg", ".oga", ".opus", ".m4a", ".aac",
+                            ".wma", ".aif", ".aiff", ".pcm", ".webm", ".mp4"})
+MANIFEST_SUFFIXES = frozenset({".jsonl", ".ndjson"})
+TSV_NAME = "transcripts.tsv"
+
+MIN_WINDOW = 25.0  # seconds: earliest cut after a window's start
+MAX_WINDOW = 30.0  # seconds: Whisper's input
+MIN_TAIL = 5.0  # seconds: never leave a last window shorter than this
+ENERGY_FRAME = 0.02  # seconds per energy frame
+QUIET_SPAN = 0.2  # seconds averaged when looking for the quietest point
 
 
-def transcribe_arrays(model, processor, audios: list, language: str = "ko", max_new_tokens: int = 128) -> list[str]:
-    """Greedy transcripts for a batch of 16 kHz mono float arrays (each at most 30 s)."""
-    import torch
-
-    device = next(model.parameters()).device
-    features, _ = log_mel_spectrogram(audios, n_mels=model.config.num_mel_bins, padding="max_length", device=device)
-    with torch.no_grad():
-        ids = model.generate(
-            features.to(model.dtype), language=language, task="transcribe", max_new_tokens=max_new_tokens
-        )
-    return [t.strip() for t in processor.batch_decode(ids, skip_special_tokens=True)]
+# --------------------------------------------------------------------------- inputs
 
 
-def transcribe_paths(paths: list[str], model: str, language: str = "ko", batch_size: int = 8,
-                     max_new_tokens: int = 128, out=None) -> list[tuple[str, str]]:
-    """Print ``path<TAB>text`` per file (to ``out``, default stdout); return the (path, reason) failures."""
-    out = out or sys.stdout
-    whisper = load_model(model)
-    processor = load_processor(model, language=language)
-    failures: list[tuple[str, str]] = []
-    loaded: list[tuple[str, object]] = []
-    for path in paths:
+@dataclass
+class Item:
+    """One thing to transcribe: a file, or a manifest row."""
+
+    name: str  # printed and used for the output file name: the path, or the manifest row id
+    audio: str
+    offset: float | None = None
+    end: float | None = None
+    from_manifest: bool = False
+
+
+@dataclass
+class Failure:
+    name: str
+    reason: str
+
+
+def expand_inputs(paths: list[str]) -> tuple[list[Item], list[Failure]]:
+    """Files as given, folders walked recursively (sorted), manifests row by row."""
+    from .data.manifest import BadRow, read_manifest
+
+    items, failures = [], []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in AUDIO_SUFFIXES)
+            if not found:
+                failures.append(Failure(raw, f"no audio files ({', '.join(sorted(AUDIO_SUFFIXES))}) in this folder"))
+            items += [Item(str(p), str(p)) for p in found]
+        elif path.suffix.lower() in MANIFEST_SUFFIXES and path.is_file():
+            try:
+                rows = list(read_manifest(path))
+            except UserError as e:
+                failures.append(Failure(raw, str(e)))
+                continue
+            for row in rows:
+                if isinstance(row, BadRow):
+                    failures.append(Failure(f"{raw}:{row.line}", f"{row.reason} {row.detail}".strip()))
+                else:
+                    items.append(Item(row.id or f"{path.stem}-{row.line}", row.audio, row.offset, row.end, True))
+        elif not path.exists():
+            failures.append(Failure(raw, "no such file or folder"))
+        else:
+            items.append(Item(raw, raw))
+    return items, failures
+
+
+# --------------------------------------------------------------------------- long audio
+
+
+def split_points(audio: np.ndarray, sr: int = SAMPLE_RATE) -> list[int]:
+    """Sample indices of window boundaries, from 0 to ``len(audio)`` (see the module docstring)."""
+    n = len(audio)
+    bounds = [0]
+    max_len, min_len, min_tail = int(MAX_WINDOW * sr), int(MIN_WINDOW * sr), int(MIN_TAIL * sr)
+    frame = int(ENERGY_FRAME * sr)
+    while n - bounds[-1] > max_len:
+        start = bounds[-1]
+        lo, hi = start + min_len, min(start + max_len, n - min_tail)
+        segment = audio[lo:hi]
+        n_frames = len(segment) // frame
+        if n_frames < 1:
+            bounds.append(hi)
+            continue
+        energy = (segment[: n_frames * frame].reshape(n_frames, frame).astype(np.float64) ** 2).mean(axis=1)
+        span = max(1, int(QUIET_SPAN / ENERGY_FRAME))
+        smooth = np.convolve(energy, np.ones(span) / span, mode="same")
+        bounds.append(lo + int(np.argmin(smooth)) * frame + frame // 2)
+    bounds.append(n)
+    return bounds
+
+
+# --------------------------------------------------------------------------- output formats
+
+
+@dataclass
+class Transcript:
+    item: Item
+    duration: float
+    segments: list[dict] = field(default_factory=list)  # {"start", "end", "text"}
+    windows_left: int = 0  # windows still to decode
+
+    @property
+    def text(self) -> str:
+        return " ".join(s["text"] for s in self.segments if s["text"]).strip()
+
+
+def _timestamp(seconds: float, sep: str) -> str:
+    ms = int(round(seconds * 1000))
+    h, ms = divmod(ms, 3_600_000)
+    m, ms = divmod(ms, 60_000)
+    s, ms = divmod(ms, 1000)
+    return f"{h:02d}:{m:02d}:{s:02d}{sep}{ms:03d}"
+
+
+def to_srt(t: Transcript) -> str:
+    cues = [s for s in t.segments if s["text"]]
+    return "".join(f"{i}\n{_timestamp(s['start'], ',')} --> {_timestamp(s['end'], ',')}\n{s['text']}\n\n"
+                   for i, s in enumerate(cues, start=1))
+
+
+def to_vtt(t: Transcript) -> str:
+    cues = [s for s in t.segments if s["text"]]
+    return "WEBVTT\n\n" + "".join(f"{_timestamp(s['start'], '.')} --> {_timestamp(s['end'], '.')}\n{s['text']}\n\n"
+                                  for s in cues)
+
+
+def to_json(t: Transcript, language: str) -> dict:
+    return {"path": t.item.audio, "id": t.item.name if t.item.from_manifest else None,
+            "duration": round(t.duration, 3), "language": language, "text": t.text, "segments": t.segments}
+
+
+def _tsv_cell(text: str) -> str:
+    return " ".join(text.split())
+
+
+def tsv_rows(t: Transcript) -> list[str]:
+    return [f"{t.item.name}\t{s['start']:.3f}\t{s['end']:.3f}\t{_tsv_cell(s['text'])}" for s in t.segments]
+
+
+TSV_HEADER = "path\tstart\tend\ttext"
+
+
+class Writer:
+    """Writes each finished transcript: to stdout without ``out``, else one file per input
+    (``<stem>.<fmt>``; ``tsv``: one ``transcripts.tsv``)."""
+
+    def __init__(self, fmt: str, out: Path | None, language: str, stdout: TextIO):
+        if fmt not in FORMATS:
+            raise UserError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+        self.fmt, self.out, self.language, self.stdout = fmt, out, language, stdout
+        self.used: set[str] = set()
+        self.written: list[Path] = []
+        self.tsv = None
+        if out is not None:
+            out.mkdir(parents=True, exist_ok=True)
+            if fmt == "tsv":
+                self.tsv = open(out / TSV_NAME, "w", encoding="utf-8")
+                self.tsv.write(TSV_HEADER + "\n")
+                self.written.append(out / TSV_NAME)
+        elif fmt == "tsv":
+            self.stdout.write(TSV_HEADER + "\n")
+
+    def _stem(self, item: Item) -> str:
+        base = item.name if item.from_manifest else Path(item.name).stem
+        base = "".join(c if c.isalnum() or c in "-_." else "_" for c in base) or "audio"
+        stem, k = base, 1
+        while stem in self.used:  # two inputs with one stem: a.flac, a-2.flac
+            k += 1
+            stem = f"{base}-{k}"
+        self.used.add(stem)
+        return stem
+
+    def write(self, t: Transcript) -> None:
+        if self.fmt == "tsv":
+            lines = "".join(row + "\n" for row in tsv_rows(t))
+            (self.tsv or self.stdout).write(lines)
+            (self.tsv or self.stdout).flush()
+            return
+        if self.fmt == "txt":
+            body = t.text + "\n" if self.out else f"{t.item.name}\t{t.text}\n"
+        elif self.fmt == "json":
+            body = json.dumps(to_json(t, self.language), ensure_ascii=False, indent=2 if self.out else None) + "\n"
+        else:
+            body = to_srt(t) if self.fmt == "srt" else to_vtt(t)
+        if self.out is None:
+            self.stdout.write(body)
+            self.stdout.flush()
+            return
+        path = self.out / f"{self._stem(t.item)}.{self.fmt}"
+        path.write_text(body, encoding="utf-8")
+        self.written.append(path)
+
+    def close(self) -> None:
+        if self.tsv:
+            self.tsv.close()
+
+
+# --------------------------------------------------------------------------- the job
+
+
+def _load(item: Item, failures: list[Failure]) -> np.ndarray | None:
+    try:
+        return load_audio(item.audio, offset=item.offset, end=item.end)
+    except AudioError as e:
+        failures.append(Failure(item.name, e.reason or str(e)))
+        print(f"skipped {item.name}: {e.reason or e}", file=sys.stderr)
+        return None
+
+
+def transcribe_items(transcriber, items: list[Item], writer: Writer, *, batch_size: int = 8,
+                     progress: bool = True) -> list[Failure]:
+    """Transcribe ``items`` window by window in batches (windows of several files share a batch),
+    writing each transcript as soon as its last window is done, in input order; returns the
+    items that could not be read (each reported on stderr)."""
+    from tqdm import tqdm
+
+    failures: list[Failure] = []
+    bar = tqdm(total=len(items), desc="transcribe", unit="file", disable=not progress, leave=False)
+    pending: list[tuple[Transcript, int, np.ndarray]] = []  # (transcript, segment index, window audio)
+    unfinished: list[Transcript] = []  # in input order
+
+    def flush() -> None:
+        if pending:
+            texts = transcriber.transcribe_batch([audio for _, _, audio in pending])
+            for (transcript, k, _), text in zip(pending, texts):
+                transcript.segments[k]["text"] = text
+                transcript.windows_left -= 1
+            pending.clear()
+        while unfinished and unfinished[0].windows_left == 0:
+            writer.write(unfinished.pop(0))
+            bar.update(1)
+
+    for item in items:
+        audio = _load(item, failures)
+        if audio is None:
+            bar.update(1)
+            continue
+        bounds = split_points(audio)
+        transcript = Transcript(item, len(audio) / SAMPLE_RATE, windows_left=len(bounds) - 1)
+        unfinished.append(transcript)
+        for k, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
+            transcript.segments.append({"start": round(a / SAMPLE_RATE, 3), "end": round(b / SAMPLE_RATE, 3),
+                                        "text": ""})
+            pending.append((transcript, k, audio[a:b]))
+            if len(pending) >= batch_size:
+                flush()
+    flush()
+    bar.close()
+    return failures
+
+
+def transcribe_paths(paths: list[str], *, model: str | None = None, adapter: str | None = None,
+                     merged: str | None = None, ct2: str | None = None, language: str | None = None,
+                     fmt: str = "txt", out: str | Path | None = None, batch_size: int = 8,
+                     max_new_tokens: int | None = None, progress: bool = True, stdout: TextIO | None = None
+                     ) -> list[Failure]:
+    """Transcribe files, folders and manifests (see the module docstring); return the failures,
+    each already reported on stderr."""
+    from .backends import DEFAULT_MAX_NEW_TOKENS, DEFAULT_MODEL, load_transcriber
+
+    if model is None and adapter is None and merged is None and ct2 is None:
+        model = DEFAULT_MODEL
+    stdout = stdout or sys.stdout
+    out = Path(out) if out else None
+    items, failures = expand_inputs(paths)
+    for f in failures:
+        print(f"skipped {f.name}: {f.reason}", file=sys.stderr)
+    if out is None and fmt in ("srt", "vtt") and len(items) > 1:
+        raise UserError(f"--format {fmt} with {len(items)} inputs needs --out DIR (one file per input)")
+    n_unreadable = 0
+    if items:
+        transcriber = load_transcriber(model, adapter, merged, ct2, language=language,
+                                       max_new_tokens=max_new_tokens or DEFAULT_MAX_NEW_TOKENS)
+        writer = Writer(fmt, out, transcriber.settings.language, stdout)
         try:
-            loaded.append((path, load_audio(Path(path))))
-        except AudioError as e:
-            failures.append((path, str(e)))
-            print(f"skipped {path}: {e.reason}", file=sys.stderr)
-    for start in range(0, len(loaded), batch_size):
-        batch = loaded[start : start + batch_size]
-        texts = transcribe_arrays(whisper, processor, [a for _, a in batch], language, max_new_tokens)
-        for (path, _), text in zip(batch, texts):
-            print(f"{path}\t{text}", file=out, flush=True)
+            unreadable = transcribe_items(transcriber, items, writer, batch_size=batch_size, progress=progress)
+        finally:
+            writer.close()
+        failures += unreadable
+        n_unreadable = len(unreadable)
+        if out is not None:
+            print(f"wrote {len(writer.written)} file(s) to {out}", file=sys.stderr)
+    total = len(items) + len(failures) - n_unreadable
     if failures:
-        print(f"{len(failures)} of {len(paths)} file(s) failed", file=sys.stderr)
+        print(f"{len(failures)} of {total} input(s) failed", file=sys.stderr)
     return failures

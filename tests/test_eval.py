@@ -1,0 +1,114 @@
+"""`asr-lora eval`: every model source gives the summary, per-utterance lines and the Markdown report;
+bad rows are skipped with reasons; the backends agree with each other."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from asr_lora.cli import _default_eval_dir, main
+from asr_lora.evaluate import SUMMARY_KEYS, hypothesis_loops
+
+from .conftest import ASSETS
+from .test_export import make_adapter, write_manifest
+
+TOKENS = "4"
+UTTERANCE_KEYS = {"id", "audio", "duration", "ref", "hyp", "errors", "ref_chars", "cer", "cer_nospace", "wer", "loop"}
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory) -> Path:
+    return write_manifest(tmp_path_factory.mktemp("data") / "dev.jsonl")
+
+
+@pytest.fixture(scope="module")
+def sources(tiny_whisper, manifest, tmp_path_factory) -> dict[str, Path]:
+    """The four model sources, all from one tiny model + adapter (merged and exported in float32)."""
+    from asr_lora.export import export_ct2, merge_adapter
+
+    root = tmp_path_factory.mktemp("sources")
+    adapter = make_adapter(tiny_whisper, root / "run" / "best")
+    quiet = lambda *_: None  # noqa: E731
+    merge_adapter(adapter, root / "merged", data=manifest, n_clips=1, max_new_tokens=2, log=quiet)
+    export_ct2(root / "merged", root / "ct2", quantization="float32", data=manifest, n_clips=1, max_new_tokens=2,
+               log=quiet)
+    return {"model": tiny_whisper, "adapter": adapter, "merged": root / "merged", "ct2": root / "ct2"}
+
+
+@pytest.fixture(scope="module")
+def results(sources, manifest, tmp_path_factory) -> dict[str, Path]:
+    out = {}
+    for kind, path in sources.items():
+        out[kind] = tmp_path_factory.mktemp(f"eval-{kind}")
+        assert main(["eval", "--data", str(manifest), f"--{kind}", str(path), "--out", str(out[kind]),
+                     "--batch-size", "2", "--max-new-tokens", TOKENS, "--no-progress"]) == 0
+    return out
+
+
+@pytest.mark.parametrize("kind", ["model", "adapter", "merged", "ct2"])
+def test_eval_outputs_for_each_source(results, kind):
+    out = results[kind]
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(SUMMARY_KEYS) <= set(summary)
+    assert summary["n"] == 3 and summary["skipped"] == 0 and summary["skipped_rows"] == []
+    assert summary["rtf"] == pytest.approx(summary["decode_seconds"] / summary["audio_seconds"], rel=1e-2)
+    assert 9.8 < summary["audio_seconds"] < 10.0  # 3.55 + 3.55 + 2.78 s
+    assert 0 <= summary["loop_fraction"] <= 1 and summary["length_ratio"] > 0
+    assert summary["model"].startswith(f"{kind}:") and summary["language"] == "ko"
+    lines = [json.loads(line) for line in (out / "utterances.jsonl").read_text().splitlines()]
+    assert [u["id"] for u in lines] == ["ko-greeting", "ko-finetune", "en-fox"]
+    assert all(UTTERANCE_KEYS <= set(u) for u in lines)
+    assert sum(u["errors"] for u in lines) == pytest.approx(summary["cer"] * sum(u["ref_chars"] for u in lines))
+    md = (out / "summary.md").read_text()
+    assert "## Worst 10 utterances" in md and "| id | errors | CER | loop | reference | hypothesis |" in md
+    assert md.count("\n| ko-") + md.count("\n| en-") == 3
+
+
+def test_backends_agree(results):
+    """Adapter (unmerged), merged and float32 CTranslate2 transcribe identically; the base differs."""
+    hyps = {kind: [json.loads(line)["hyp"] for line in (out / "utterances.jsonl").read_text().splitlines()]
+            for kind, out in results.items()}
+    assert hyps["adapter"] == hyps["merged"] == hyps["ct2"]
+    assert hyps["model"] != hyps["adapter"]
+
+
+def test_bad_rows_are_skipped_with_reasons(tiny_whisper, tmp_path, capsys):
+    broken = tmp_path / "broken.flac"
+    broken.write_bytes(b"not audio")
+    manifest = write_manifest(tmp_path / "m.jsonl", [("good", "ko_greeting.flac", "안녕하세요")])
+    with open(manifest, "a", encoding="utf-8") as fh:
+        fh.write(json.dumps({"id": "bad", "audio": str(broken), "text": "x"}) + "\n")
+        fh.write(json.dumps({"id": "gone", "audio": str(tmp_path / "missing.flac"), "text": "x"}) + "\n")
+        fh.write("{not json\n")
+    out = tmp_path / "out"
+    assert main(["eval", "--data", str(manifest), "--model", str(tiny_whisper), "--out", str(out),
+                 "--max-new-tokens", TOKENS, "--no-progress"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["n"] == 1 and summary["skipped"] == 3
+    reasons = {row["id"]: row["reason"] for row in summary["skipped_rows"]}
+    assert set(reasons) == {"bad", "gone", "line 4"} and "malformed_line" in reasons["line 4"]
+    assert "## Skipped (3)" in (out / "summary.md").read_text()
+    assert "skipped bad" in capsys.readouterr().err
+
+
+def test_hypothesis_loops():
+    assert hypothesis_loops("감사합니다 감사합니다 감사합니다 감사합니다 감사합니다")
+    assert hypothesis_loops("그래서그래서그래서그래서그래서")  # no spaces
+    assert not hypothesis_loops("오늘 날씨가 정말 좋네요")
+    assert not hypothesis_loops("10000원 입니다", ref="10000원 입니다")  # the reference has it too
+
+
+def test_default_eval_dir_names():
+    assert _default_eval_dir({"model": "bundled:whisper-base"}, "data/demo/dev.jsonl") == Path("eval-whisper-base-dev")
+    assert _default_eval_dir({"adapter": "runs/demo/best"}, "x/test.jsonl") == Path("eval-demo-best-test")
+    assert _default_eval_dir({"ct2": "exports/kspon-int8"}, "eval_clean.jsonl") == Path("eval-kspon-int8-eval_clean")
+
+
+def test_eval_of_nothing_is_an_error(tiny_whisper, tmp_path, capsys):
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text(json.dumps({"id": "gone", "audio": str(ASSETS / "nope.flac"), "text": "x"}) + "\n")
+    assert main(["eval", "--data", str(manifest), "--model", str(tiny_whisper), "--out", str(tmp_path / "o"),
+                 "--no-progress"]) == 2
+    assert "nothing to evaluate" in capsys.readouterr().err

@@ -1,0 +1,206 @@
+"""`asr-lora transcribe`: inputs (files, folders, manifests), long audio windows, output formats,
+failures reported and skipped, adapter mode without merging."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from asr_lora.audio import SAMPLE_RATE, load_audio
+from asr_lora.cli import main
+from asr_lora.transcribe import _timestamp, split_points
+
+from .conftest import ASSETS
+from .test_export import make_adapter, write_manifest
+
+TOKENS = "3"
+SRT_TIME = re.compile(r"^(\d\d):(\d\d):(\d\d),(\d\d\d) --> (\d\d):(\d\d):(\d\d),(\d\d\d)$")
+VTT_TIME = re.compile(r"^(\d\d):(\d\d):(\d\d)\.(\d\d\d) --> (\d\d):(\d\d):(\d\d)\.(\d\d\d)$")
+
+
+def _seconds(h, m, s, ms) -> float:
+    return int(h) * 3600 + int(m) * 60 + int(s) + int(ms) / 1000
+
+
+def parse_srt(text: str) -> list[tuple[float, float, str]]:
+    cues = []
+    for n, block in enumerate(text.strip().split("\n\n"), start=1):
+        lines = block.split("\n")
+        assert lines[0] == str(n), block
+        m = SRT_TIME.match(lines[1])
+        assert m, lines[1]
+        cues.append((_seconds(*m.groups()[:4]), _seconds(*m.groups()[4:]), "\n".join(lines[2:])))
+    return cues
+
+
+def parse_vtt(text: str) -> list[tuple[float, float, str]]:
+    assert text.startswith("WEBVTT\n\n")
+    cues = []
+    for block in text[len("WEBVTT\n\n"):].strip().split("\n\n"):
+        lines = block.split("\n")
+        m = VTT_TIME.match(lines[0])
+        assert m, lines[0]
+        cues.append((_seconds(*m.groups()[:4]), _seconds(*m.groups()[4:]), "\n".join(lines[1:])))
+    return cues
+
+
+def assert_monotonic(cues) -> None:
+    for start, end, text in cues:
+        assert 0 <= start < end and text
+    for (_, end, _), (start, _, _) in zip(cues, cues[1:]):
+        assert end <= start
+
+
+@pytest.fixture(scope="module")
+def long_wav(tmp_path_factory) -> Path:
+    """70 s: the Korean clips over and over, 0.6 s of silence between them."""
+    clips = [load_audio(ASSETS / name) for name in ("ko_greeting.flac", "ko_finetune.flac", "en_fox.flac")]
+    gap = np.zeros(int(0.6 * SAMPLE_RATE), dtype=np.float32)
+    parts, total, i = [], 0, 0
+    while total < 70 * SAMPLE_RATE:
+        parts += [clips[i % len(clips)], gap]
+        total += len(clips[i % len(clips)]) + len(gap)
+        i += 1
+    audio = np.concatenate(parts)[: 70 * SAMPLE_RATE]
+    path = tmp_path_factory.mktemp("long") / "long.wav"
+    sf.write(path, audio, SAMPLE_RATE)
+    return path
+
+
+def run(args, capsys) -> tuple[int, str, str]:
+    code = main(["transcribe", *map(str, args), "--max-new-tokens", TOKENS, "--no-progress"])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+# --------------------------------------------------------------------------- windows
+
+
+def test_short_audio_is_one_window():
+    assert split_points(np.zeros(30 * SAMPLE_RATE, dtype=np.float32)) == [0, 30 * SAMPLE_RATE]
+
+
+def test_long_audio_is_cut_at_the_quietest_point():
+    rng = np.random.default_rng(0)
+    audio = (0.3 * rng.standard_normal(80 * SAMPLE_RATE)).astype(np.float32)
+    for quiet in (27.0, 53.5):  # 0.3 s of silence inside each 25-30 s search window
+        audio[int(quiet * SAMPLE_RATE): int((quiet + 0.3) * SAMPLE_RATE)] = 0
+    bounds = split_points(audio)
+    assert bounds[0] == 0 and bounds[-1] == len(audio)
+    assert len(bounds) == 4
+    assert abs(bounds[1] / SAMPLE_RATE - 27.15) < 0.15 and abs(bounds[2] / SAMPLE_RATE - 53.65) < 0.15
+    widths = np.diff(bounds) / SAMPLE_RATE
+    assert (widths <= 30).all() and (widths[:-1] >= 25).all()
+
+
+def test_no_sliver_at_the_end():
+    bounds = split_points(np.ones(int(60.5 * SAMPLE_RATE), dtype=np.float32))
+    widths = np.diff(bounds) / SAMPLE_RATE
+    assert (widths <= 30).all() and widths[-1] >= 5
+
+
+def test_timestamp_format():
+    assert _timestamp(3661.5, ",") == "01:01:01,500"
+    assert _timestamp(0.0004, ".") == "00:00:00.000"
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def test_txt_to_stdout_keeps_path_tab_text(tiny_whisper, capsys):
+    paths = [ASSETS / "ko_greeting.flac", ASSETS / "en_fox.flac"]
+    code, out, _ = run([*paths, "--model", tiny_whisper], capsys)
+    assert code == 0
+    lines = out.splitlines()
+    assert [line.split("\t")[0] for line in lines] == [str(p) for p in paths]
+    assert all(len(line.split("\t")) == 2 and line.split("\t")[1] for line in lines)
+
+
+def test_long_file_srt_vtt_json(tiny_whisper, long_wav, tmp_path, capsys):
+    for fmt in ("srt", "vtt", "json"):
+        code, _, err = run([long_wav, "--model", tiny_whisper, "--format", fmt, "--out", tmp_path], capsys)
+        assert code == 0, err
+    cues = parse_srt((tmp_path / "long.srt").read_text())
+    assert_monotonic(cues)
+    assert len(cues) >= 3 and cues[0][0] == 0 and abs(cues[-1][1] - 70) < 0.01
+    vtt = parse_vtt((tmp_path / "long.vtt").read_text())
+    assert [(a, b) for a, b, _ in vtt] == [(a, b) for a, b, _ in cues]
+    doc = json.loads((tmp_path / "long.json").read_text())
+    assert doc["language"] == "ko" and abs(doc["duration"] - 70) < 1e-3 and doc["path"] == str(long_wav)
+    segs = doc["segments"]
+    assert len(segs) >= 3 and segs[0]["start"] == 0 and segs[-1]["end"] == doc["duration"]
+    for a, b in zip(segs, segs[1:]):
+        assert a["end"] == b["start"] and b["end"] - b["start"] <= 30
+    assert doc["text"] == " ".join(s["text"] for s in segs if s["text"])
+
+
+def test_tsv_one_file_and_stdout(tiny_whisper, long_wav, tmp_path, capsys):
+    code, _, _ = run([long_wav, ASSETS / "ko_greeting.flac", "--model", tiny_whisper, "--format", "tsv",
+                      "--out", tmp_path], capsys)
+    assert code == 0
+    rows = [line.split("\t") for line in (tmp_path / "transcripts.tsv").read_text().splitlines()]
+    assert rows[0] == ["path", "start", "end", "text"]
+    assert all(len(r) == 4 for r in rows)
+    assert [r[0] for r in rows[1:]].count(str(long_wav)) >= 3 and rows[-1][0] == str(ASSETS / "ko_greeting.flac")
+    code, out, _ = run([ASSETS / "ko_greeting.flac", "--model", tiny_whisper, "--format", "tsv"], capsys)
+    assert out.splitlines()[0] == "path\tstart\tend\ttext" and len(out.splitlines()) == 2
+
+
+def test_bad_file_is_reported_others_transcribed(tiny_whisper, tmp_path, capsys):
+    bad = tmp_path / "broken.wav"
+    bad.write_bytes(b"RIFF not really")
+    out_dir = tmp_path / "out"
+    code, _, err = run([ASSETS / "ko_greeting.flac", bad, tmp_path / "missing.flac", ASSETS / "en_fox.flac",
+                        "--model", tiny_whisper, "--out", out_dir], capsys)
+    assert code == 1
+    assert "broken.wav" in err and "missing.flac" in err and "2 of 4" in err
+    assert sorted(p.name for p in out_dir.iterdir()) == ["en_fox.txt", "ko_greeting.txt"]
+
+
+def test_folder_is_searched_recursively(tiny_whisper, tmp_path, capsys):
+    (tmp_path / "in" / "deep").mkdir(parents=True)
+    (tmp_path / "in" / "deep" / "a.flac").write_bytes((ASSETS / "ko_greeting.flac").read_bytes())
+    (tmp_path / "in" / "b.wav").write_bytes((ASSETS / "ko_stereo_44k.wav").read_bytes())
+    (tmp_path / "in" / "notes.txt").write_text("not audio")
+    code, out, _ = run([tmp_path / "in", "--model", tiny_whisper], capsys)
+    assert code == 0
+    assert [line.split("\t")[0] for line in out.splitlines()] == [str(tmp_path / "in" / "b.wav"),
+                                                                   str(tmp_path / "in" / "deep" / "a.flac")]
+
+
+def test_manifest_input_names_outputs_by_id(tiny_whisper, tmp_path, capsys):
+    manifest = write_manifest(tmp_path / "m.jsonl")
+    code, _, _ = run([manifest, "--model", tiny_whisper, "--format", "json", "--out", tmp_path / "out"], capsys)
+    assert code == 0
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["en-fox.json", "ko-finetune.json",
+                                                                    "ko-greeting.json"]
+    assert json.loads((tmp_path / "out" / "en-fox.json").read_text())["id"] == "en-fox"
+
+
+def test_adapter_mode_without_merging(tiny_whisper, tmp_path, capsys):
+    adapter = make_adapter(tiny_whisper, tmp_path / "run" / "best")
+    code, out, _ = run([ASSETS / "ko_greeting.flac", "--adapter", adapter], capsys)
+    assert code == 0 and out.startswith(str(ASSETS / "ko_greeting.flac") + "\t")
+
+
+def test_srt_to_stdout_needs_a_single_input(tiny_whisper, capsys):
+    code, _, err = run([ASSETS / "ko_greeting.flac", ASSETS / "en_fox.flac", "--model", tiny_whisper,
+                        "--format", "srt"], capsys)
+    assert code == 2 and "needs --out" in err
+
+
+def test_only_one_model_source(tiny_whisper, tmp_path):
+    with pytest.raises(SystemExit):
+        main(["transcribe", "x.wav", "--model", str(tiny_whisper), "--ct2", str(tmp_path)])
+    from asr_lora.backends import load_transcriber
+    from asr_lora.errors import UserError
+
+    with pytest.raises(UserError, match="exactly one"):
+        load_transcriber(model=str(tiny_whisper), merged=str(tmp_path))
+    with pytest.raises(UserError, match="exactly one"):
+        load_transcriber()

@@ -48,6 +48,9 @@ class ModelConfig:
         "full", "full: pad every clip to 30 s (Whisper standard); trimmed: pad each batch to its longest clip and "
         "run the encoder on only those frames (several times faster; recorded in checkpoints and applied by "
         "eval/merge/transcribe)")
+    allow_pickle: bool = doc(
+        False, "also load base weights stored as a pickle (pytorch_model.bin); off: safetensors only, since "
+        "unpickling a file can run code. Turn on only for files you trust")
 
 
 @dataclass

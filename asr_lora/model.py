@@ -8,6 +8,11 @@ asks that one available device be supported by bitsandbytes, and ``update_device
 ``device_map=None`` into ``{"": "cpu"}`` when no accelerator is present. So quantised training runs
 on CPU unchanged (slowly; 8-bit casts activations to fp16 for the int8 matmul). Mixing "cpu" with a
 GPU in one device map is refused unless ``llm_int8_enable_fp32_cpu_offload``; we never do that.
+
+Nothing executable is loaded: weights come from safetensors only (a pickle ``pytorch_model.bin`` or
+``adapter_model.bin`` is refused unless ``allow_pickle``, the recipe's ``model.allow_pickle``), and
+``trust_remote_code`` is never set. A saved adapter is checked against the base it is put on (the
+recorded base name, and the LoRA shapes read from the safetensors header) before any weight loads.
 """
 
 from __future__ import annotations
@@ -23,6 +28,30 @@ from .trimmed import apply_audio_context  # noqa: F401  (re-exported: one switch
 Quant = Literal["none", "8bit", "4bit"]
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_PICKLE = "adapter_model.bin"
+SAFE_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
+PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def weights_kwargs(name: str, allow_pickle: bool = False) -> dict:
+    """``from_pretrained`` keyword arguments that keep pickles out unless ``allow_pickle``.
+
+    A local folder whose only weights are a pickle is refused here with a message naming the file;
+    for anything else ``use_safetensors=True`` makes transformers refuse a pickle. With
+    ``allow_pickle`` transformers still prefers safetensors and reads a pickle with
+    ``torch.load(weights_only=True)``.
+    """
+    if allow_pickle:
+        return {}
+    folder = Path(name)
+    if folder.is_dir() and not any((folder / f).is_file() for f in SAFE_WEIGHTS):
+        pickles = [f for f in PICKLE_WEIGHTS if (folder / f).is_file()]
+        if pickles:
+            raise UserError(f"{folder / pickles[0]} is a pickle checkpoint (loading one can run code) and there is "
+                            "no model.safetensors; convert it to safetensors, or set model.allow_pickle=true "
+                            "if you trust the file")
+        raise UserError(f"{folder}: no model.safetensors; is this a Whisper model folder?")
+    return {"use_safetensors": True}
 
 
 def load_processor(name: str, language: str | None = "ko", task: str = "transcribe"):
@@ -34,13 +63,15 @@ def load_processor(name: str, language: str | None = "ko", task: str = "transcri
     return processor
 
 
-def load_model(name: str, device: str | None = None, dtype=None):
-    """``WhisperForConditionalGeneration`` in eval mode (full precision unless ``dtype``)."""
+def load_model(name: str, device: str | None = None, dtype=None, allow_pickle: bool = False):
+    """``WhisperForConditionalGeneration`` in eval mode (full precision unless ``dtype``; safetensors
+    weights only unless ``allow_pickle``)."""
     import torch
     from transformers import WhisperForConditionalGeneration
 
+    path = resolve_model(name)
     kwargs = {"dtype": dtype} if dtype is not None else {}
-    model = WhisperForConditionalGeneration.from_pretrained(resolve_model(name), **kwargs)
+    model = WhisperForConditionalGeneration.from_pretrained(path, **kwargs, **weights_kwargs(path, allow_pickle))
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     return model.to(device).eval()
 
@@ -79,13 +110,14 @@ def quantization_config(quant: Quant, compute_dtype=None, on_gpu: bool = False):
     raise UserError(f"model.quant must be one of none, 8bit, 4bit; got {quant!r}")
 
 
-def load_base_for_training(name: str, quant: Quant = "none", device_map=None, compute_dtype=None):
+def load_base_for_training(name: str, quant: Quant = "none", device_map=None, compute_dtype=None,
+                           allow_pickle: bool = False):
     """The frozen-to-be base Whisper: fp32 weights, or bitsandbytes 8-bit / 4-bit (nf4) linear layers.
 
     ``device_map={"": local_rank}`` puts the whole model on one GPU per DDP process; None lets
     transformers pick (the current GPU for quantised models, else CPU). Non-quantised tensors
     (embeddings, convolutions, layer norms, ``proj_out``) are loaded in fp32 whatever the checkpoint
-    stores, so hub checkpoints saved in fp16 train the same way.
+    stores, so hub checkpoints saved in fp16 train the same way. Safetensors only unless ``allow_pickle``.
     """
     import torch
     from transformers import WhisperForConditionalGeneration
@@ -94,8 +126,9 @@ def load_base_for_training(name: str, quant: Quant = "none", device_map=None, co
     kwargs = {"device_map": device_map} if device_map is not None else {}
     if qconfig is not None:
         kwargs["quantization_config"] = qconfig
+    path = resolve_model(name)
     return WhisperForConditionalGeneration.from_pretrained(
-        resolve_model(name), dtype=torch.float32, attn_implementation="sdpa", **kwargs
+        path, dtype=torch.float32, attn_implementation="sdpa", **kwargs, **weights_kwargs(path, allow_pickle)
     )
 
 
@@ -186,7 +219,8 @@ def build_training_model(model_cfg, lora_cfg, device_map=None):
     The adapter config records ``model_cfg.name`` (e.g. ``bundled:whisper-base``), not the machine's
     resolved cache folder, so a saved adapter finds its base on any machine.
     """
-    model = load_base_for_training(model_cfg.name, model_cfg.quant, device_map=device_map)
+    model = load_base_for_training(model_cfg.name, model_cfg.quant, device_map=device_map,
+                                   allow_pickle=getattr(model_cfg, "allow_pickle", False))
     model = prepare_for_training(model, model_cfg.quant, model_cfg.gradient_checkpointing)
     model.config.use_cache = False
     gen = model.generation_config
@@ -213,11 +247,62 @@ def adapter_base_name(adapter_dir: str | Path) -> str:
     return name
 
 
-def load_adapter_model(adapter_dir: str | Path, base: str | None = None, quant: Quant = "none", device_map=None):
-    """Base + saved LoRA adapter (safetensors only), frozen and in eval mode.
+def _same_model(a: str, b: str) -> bool:
+    """Whether two model names denote the same model: equal, or resolving to the same local folder."""
+    if a == b:
+        return True
+    try:
+        pa, pb = Path(resolve_model(a)), Path(resolve_model(b))
+        return pa.is_dir() and pb.is_dir() and pa.resolve() == pb.resolve()
+    except UserError:
+        return False
 
-    ``base`` defaults to the adapter config's ``base_model_name_or_path``. An unquantised model
-    with no ``device_map`` goes to the GPU when there is one (as :func:`load_model` does).
+
+def check_adapter_matches_base(adapter_dir: str | Path, base: str) -> None:
+    """Refuse an adapter that was not trained on ``base``, before any weight is loaded.
+
+    Two checks: the adapter config's ``base_model_name_or_path`` denotes ``base``; and every LoRA
+    tensor's shape, read from the safetensors header alone, fits its target module in ``base``
+    (built on the meta device from its config: no weights). Errors name both models.
+    """
+    import torch
+    from safetensors import safe_open
+    from transformers import WhisperConfig, WhisperForConditionalGeneration
+
+    adapter_dir = Path(adapter_dir)
+    recorded = adapter_base_name(adapter_dir)
+    if not _same_model(recorded, base):
+        raise UserError(f"{adapter_dir} was trained on base model {recorded!r}, not {base!r}; load it on its "
+                        f"own base (leave the base out), or on a copy of that model")
+    config = WhisperConfig.from_pretrained(resolve_model(base))
+    with torch.device("meta"):
+        modules = dict(WhisperForConditionalGeneration(config).named_modules())
+    weights = adapter_dir / ADAPTER_WEIGHTS
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+    except Exception as e:  # safetensors raises its own error types for a corrupt header
+        raise UserError(f"{weights}: not a readable safetensors file ({type(e).__name__}: {e})") from None
+    for key, shape in shapes.items():
+        for part, dim in ((".lora_A.weight", 1), (".lora_B.weight", 0)):
+            if not key.endswith(part):
+                continue
+            name = key[: -len(part)].removeprefix("base_model.model.")
+            module = modules.get(name)
+            want = getattr(module, "in_features" if dim else "out_features", None)
+            if module is None or len(shape) != 2 or shape[dim] != want:
+                got = "no such module" if module is None else f"{'in' if dim else 'out'}_features {want}"
+                raise UserError(f"{adapter_dir} does not fit base model {base!r} (adapter trained on {recorded!r}): "
+                                f"{key} has shape {list(shape)}, the base's {name} has {got}")
+
+
+def load_adapter_model(adapter_dir: str | Path, base: str | None = None, quant: Quant = "none", device_map=None,
+                       allow_pickle: bool = False):
+    """Base + saved LoRA adapter (safetensors unless ``allow_pickle``), frozen and in eval mode.
+
+    ``base`` defaults to the adapter config's ``base_model_name_or_path``; an adapter that does
+    not match it is refused before loading (:func:`check_adapter_matches_base`). An unquantised
+    model with no ``device_map`` goes to the GPU when there is one (as :func:`load_model` does).
     """
     import torch
     from peft import PeftModel
@@ -225,8 +310,14 @@ def load_adapter_model(adapter_dir: str | Path, base: str | None = None, quant: 
     adapter_dir = Path(adapter_dir)
     name = base or adapter_base_name(adapter_dir)
     if not (adapter_dir / ADAPTER_WEIGHTS).is_file():
-        raise UserError(f"{adapter_dir}: no {ADAPTER_WEIGHTS} (only safetensors adapters are loaded)")
-    model = load_base_for_training(name, quant, device_map=device_map)
+        if not (allow_pickle and (adapter_dir / ADAPTER_PICKLE).is_file()):
+            raise UserError(f"{adapter_dir}: no {ADAPTER_WEIGHTS} (only safetensors adapters are loaded; "
+                            f"{ADAPTER_PICKLE} is a pickle, which can run code)")
+        if not _same_model(adapter_base_name(adapter_dir), name):
+            raise UserError(f"{adapter_dir} was trained on base model {adapter_base_name(adapter_dir)!r}, not {name!r}")
+    else:
+        check_adapter_matches_base(adapter_dir, name)
+    model = load_base_for_training(name, quant, device_map=device_map, allow_pickle=allow_pickle)
     if quant == "none" and device_map is None:
         model = model.to("cuda" if torch.cuda.is_available() else "cpu")
     model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)

@@ -26,9 +26,10 @@ MAX_LABEL_TOKENS = 448  # Whisper's decoder positions
 class WhisperCollator:
     """Turn rows ``{"audio": path | array, "text": str, "id"?, "offset"?, "end"?}`` into a model batch.
 
-    Rows whose audio cannot be read or whose label is longer than ``max_label_tokens`` are left
-    out of the batch and listed in ``batch["skipped"]`` as ``(id, reason)``, so a bad file costs
-    one utterance and a logged line, never the run.
+    Rows whose audio cannot be read (missing, truncated, corrupt, a bad ``offset``/``end``) or whose
+    label is longer than ``max_label_tokens`` are left out of the batch and listed in
+    ``batch["skipped"]`` as ``(id, reason)``, so a bad file costs one utterance and a logged line,
+    never the run.
     """
 
     tokenizer: Any
@@ -70,6 +71,9 @@ class WhisperCollator:
                     audio = _from_datasets_audio(audio, uid)
             except AudioError as e:
                 skipped.append((uid, str(e)))
+                continue
+            except ValueError as e:  # offset/end that select no segment (a manifest not from 'prepare')
+                skipped.append((uid, f"{row['audio']}: bad segment ({e})"))
                 continue
             audios.append(torch.as_tensor(audio, dtype=torch.float32))
             labels.append(label)

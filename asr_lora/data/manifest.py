@@ -117,7 +117,10 @@ def _number(key: str, value: Any, from_text: bool) -> float | None:
         except ValueError:
             raise ValueError(f"{key!r} must be a number, got {value!r}") from None
     elif isinstance(value, (int, float)) and not isinstance(value, bool):
-        number = float(value)
+        try:
+            number = float(value)
+        except OverflowError:  # a JSON integer with hundreds of digits
+            raise ValueError(f"{key!r} must be finite, got an integer of {len(str(value))} digits") from None
     else:
         raise ValueError(f"{key!r} must be a number, got {type(value).__name__} {value!r}")
     if not math.isfinite(number):
@@ -184,10 +187,30 @@ def _json_records(path: Path) -> Iterator[tuple[int, dict | BadRow]]:
             except json.JSONDecodeError as e:
                 yield line_no, BadRow(line_no, None, "malformed_line", f"invalid JSON ({e.msg} at column {e.colno})")
                 continue
+            except ValueError as e:  # an integer longer than Python's int conversion limit
+                yield line_no, BadRow(line_no, None, "malformed_line", f"invalid JSON ({str(e).split(':')[0]})")
+                continue
+            except RecursionError:
+                yield line_no, BadRow(line_no, None, "malformed_line", "invalid JSON (nested too deeply)")
+                continue
             if not isinstance(record, dict):
                 yield line_no, BadRow(line_no, None, "malformed_line", f"a JSON {type(record).__name__}, not an object")
                 continue
+            if (b"\\ud" in raw or b"\\uD" in raw) and not _encodable(record):
+                yield line_no, BadRow(line_no, None, "malformed_line", "a \\uD800-\\uDFFF escape that is not a "
+                                      "surrogate pair (not valid Unicode)")
+                continue
             yield line_no, record
+
+
+def _encodable(record: dict) -> bool:
+    """Whether every string in ``record`` is valid Unicode (a lone surrogate from a JSON escape is not,
+    and would fail later, in a file name or when the row is written out)."""
+    try:
+        json.dumps(record, ensure_ascii=False).encode("utf-8")
+        return True
+    except (UnicodeEncodeError, RecursionError):
+        return False
 
 
 def _check_file(path: Path, what: str) -> Path:

@@ -79,9 +79,9 @@ def load_audio(
     produce samples raises ``AudioError`` naming the file.
     """
     if offset is not None and offset < 0:
-        raise ValueError(f"offset must be >= 0, got {offset}")
+        raise AudioError(path, f"bad segment: offset must be >= 0, got {offset}")
     if end is not None and end <= (offset or 0.0):
-        raise ValueError(f"end ({end}) must be after offset ({offset or 0.0})")
+        raise AudioError(path, f"bad segment: end ({end}) must be after offset ({offset or 0.0})")
     path = Path(path)
     if not path.exists():
         raise AudioError(path, "file not found")

@@ -58,3 +58,14 @@ def bundled_base(tmp_path_factory) -> Path:
     from asr_lora.bundled import build_bundled
 
     return build_bundled("bundled:whisper-base")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_torch_thread():
+    """Tiny models on a shared 2-core machine: one thread is ~10x faster than two fighting ones."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -33,6 +33,7 @@ from typing import Callable, Iterable, Iterator, NamedTuple
 
 from tqdm import tqdm
 
+from asr_lora.data import _chunks
 from asr_lora.errors import DataError, UserError
 from asr_lora.text import KSPON_SIDES, clean_kspon_transcript, is_noise_only
 
@@ -150,17 +151,6 @@ def _process_walk_chunk(root: str, out_dir: str, side: str, items: list) -> list
 
 
 # --- sources ----------------------------------------------------------------------------------
-
-
-def _chunks(items: Iterable, size: int) -> Iterator[list]:
-    chunk = []
-    for item in items:
-        chunk.append(item)
-        if len(chunk) == size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
 
 
 def _trn_lines(path: Path) -> Iterator[tuple[int, bytes]]:

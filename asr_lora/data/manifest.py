@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping, NamedTuple
 from tqdm import tqdm
 
 from asr_lora.audio import AudioError, audio_info, load_audio
+from asr_lora.data import _chunks
 from asr_lora.errors import UserError
 
 if TYPE_CHECKING:
@@ -584,17 +585,6 @@ def _static_problem(row: ManifestRow, n_tokens: int, max_label_tokens: int) -> D
     if n_tokens > max_label_tokens:
         return Drop("label_too_long", f"{n_tokens} label tokens (prefix + text + end) > {max_label_tokens}")
     return None
-
-
-def _chunks(items: Iterable, size: int) -> Iterator[list]:
-    chunk = []
-    for item in items:
-        chunk.append(item)
-        if len(chunk) == size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
 
 
 def validate_rows(

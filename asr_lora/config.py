@@ -151,6 +151,9 @@ def _coerce(value: Any, tp, where: str) -> Any:
                 errors.append(str(e))
         raise ConfigError(f"{where}: {value!r} is not {_type_name(tp)}")
     if origin is Literal:
+        if isinstance(value, bool):  # YAML 1.1 reads an unquoted no/off/yes/on as a bool
+            words = ("no", "off", "false", "n") if value is False else ("yes", "on", "true", "y")
+            value = next((a for a in get_args(tp) if isinstance(a, str) and a.lower() in words), value)
         if value not in get_args(tp):
             choices = ", ".join(repr(a) for a in get_args(tp))
             raise ConfigError(f"{where}: {value!r} is not one of {choices}")

@@ -215,7 +215,9 @@ class Trainer:
         self.collator = WhisperCollator(self.tokenizer, n_mels=self.n_mels,
                                         padding=COLLATOR_PADDING[cfg.model.audio_context],
                                         max_label_tokens=cfg.data.max_label_tokens,
-                                        language=cfg.model.language, task=cfg.model.task)
+                                        language=cfg.model.language, task=cfg.model.task,
+                                        # log-mel on the GPU, in the data path (never precomputed)
+                                        feature_device=acc.device if acc.device.type == "cuda" else None)
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
         scheduler = get_linear_schedule_with_warmup(optimizer, cfg.train.warmup_steps, cfg.train.max_steps)

@@ -17,6 +17,14 @@ Phases, all in one run on the same machine:
 Prints JSON and writes the table into BENCHMARKS.md (``--write``).
 
     python benchmarks/bench_training.py --budget 240 --write
+
+On a GPU, throughput only, on a model of a given shape with random weights (speed does not depend on
+the weight values; CER would be meaningless, so no budget phase), features computed on the GPU:
+
+    python benchmarks/bench_training.py --random-shape large-v3 --phases throughput --batch-size 16 --write
+
+``--concat 2`` trains on pairs of demo clips joined (mean 6.3 s, near KsponSpeech's 5.6 s) instead
+of single clips (mean 3.1 s): the trimmed context gains less on longer clips.
 """
 
 from __future__ import annotations
@@ -35,6 +43,16 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 SYSTEMS = ("asr-lora-trimmed", "asr-lora-30s", "standard")
 MODEL = "bundled:whisper-base"
+# Shapes of random-weight models for GPU throughput (the real checkpoints' configs).
+SHAPES = {
+    "base": dict(d_model=512, encoder_layers=6, decoder_layers=6, encoder_attention_heads=8,
+                 decoder_attention_heads=8, encoder_ffn_dim=2048, decoder_ffn_dim=2048, num_mel_bins=80,
+                 vocab_size=51865),
+    "large-v3": dict(d_model=1280, encoder_layers=32, decoder_layers=32, encoder_attention_heads=20,
+                     decoder_attention_heads=20, encoder_ffn_dim=5120, decoder_ffn_dim=5120, num_mel_bins=128,
+                     vocab_size=51866),
+}
+TOKENIZER_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json")
 
 
 def peak_memory_mb() -> float:
@@ -57,6 +75,61 @@ def read_manifest_rows(path: Path) -> list[dict]:
     return read_rows(path)
 
 
+def make_random_model(shape: str, files_from: Path, out: Path) -> Path:
+    """A Whisper of ``shape`` with random weights (fp16 safetensors) and the tokenizer of ``files_from``."""
+    import shutil
+
+    import torch
+    from transformers import WhisperConfig, WhisperForConditionalGeneration
+
+    if (out / "model.safetensors").is_file():
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    config = WhisperConfig.from_pretrained(files_from)
+    for key, value in SHAPES[shape].items():
+        setattr(config, key, value)
+    torch.manual_seed(0)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = WhisperForConditionalGeneration(config)
+    model.to(torch.float16).save_pretrained(out)
+    for name in TOKENIZER_FILES[1:]:
+        shutil.copy(files_from / name, out / name)
+    processor = json.loads((files_from / "processor_config.json").read_text())
+    processor["feature_extractor"]["feature_size"] = config.num_mel_bins
+    (out / "processor_config.json").write_text(json.dumps(processor, indent=2))
+    return out
+
+
+def concat_manifest(src: Path, n: int, out: Path) -> Path:
+    """A manifest of the clips of ``src`` joined ``n`` at a time (0.2 s of silence between), as wav files."""
+    import numpy as np
+    import soundfile as sf
+
+    from asr_lora.audio import load_audio
+
+    rows = read_manifest_rows(src)
+    out.mkdir(parents=True, exist_ok=True)
+    lines = []
+    gap = np.zeros(3200, dtype=np.float32)
+    for i in range(0, len(rows) - n + 1, n):
+        group = rows[i:i + n]
+        audio = np.concatenate([x for r in group for x in (load_audio(r["audio"]), gap)][:-1])
+        path = out / f"concat-{i:05d}.wav"
+        sf.write(path, audio, 16000)
+        lines.append(json.dumps({"id": path.stem, "audio": str(path), "text": " ".join(r["text"] for r in group)},
+                                ensure_ascii=False))
+    manifest = out / "train.jsonl"
+    manifest.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return manifest
+
+
+def mean_duration(manifest: Path) -> float:
+    import soundfile as sf
+
+    rows = read_manifest_rows(manifest)
+    return sum(sf.info(r["audio"]).duration for r in rows) / len(rows)
+
+
 # --------------------------------------------------------------------------- asr-lora
 
 
@@ -65,9 +138,11 @@ def run_asr_lora(mode: str, steps: int, out: Path, args) -> dict:
     from asr_lora.train import run_training
 
     cfg = load_recipe(REPO / "recipes" / "demo" / "whisper-base_lora.yaml", [
+        f"model.name={args.model}", f"model.quant={args.quant}", f"train.mixed_precision={args.precision}",
+        f"model.gradient_checkpointing={str(args.gradient_checkpointing).lower()}",
         f"model.audio_context={mode}", f"train.max_steps={steps}", f"train.batch_size={args.batch_size}",
         f"train.output_dir={out}", f"train.eval_every={steps}", f"train.save_every={steps}",
-        f"train.warmup_steps={max(1, steps // 10)}", f"data.train={REPO / 'data/demo/train.jsonl'}",
+        f"train.warmup_steps={max(1, steps // 10)}", f"data.train={args.train}",
         f"data.dev={REPO / 'data/demo/dev.jsonl'}", "eval.max_samples=2",  # dev is scored below, alike for all
     ])
     start = time.perf_counter()
@@ -105,16 +180,16 @@ class DataCollatorSpeechSeq2SeqWithPadding:
 
 def standard_model_and_data(args):
     from datasets import Dataset
-    from peft import LoraConfig, get_peft_model
-    from transformers import WhisperForConditionalGeneration, WhisperProcessor
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import BitsAndBytesConfig, WhisperForConditionalGeneration, WhisperProcessor
 
     from asr_lora.audio import load_audio
     from asr_lora.bundled import resolve_model
 
-    path = resolve_model(MODEL)
+    path = resolve_model(args.model)
     processor = WhisperProcessor.from_pretrained(path)
     processor.tokenizer.set_prefix_tokens(language="ko", task="transcribe")
-    rows = read_manifest_rows(REPO / "data/demo/train.jsonl")
+    rows = read_manifest_rows(Path(args.train))
     t0 = time.perf_counter()
 
     def prepare_dataset(batch):
@@ -126,7 +201,17 @@ def standard_model_and_data(args):
     ds = Dataset.from_list([{"audio": r["audio"], "text": r["text"]} for r in rows])
     ds = ds.map(prepare_dataset, remove_columns=["audio", "text"])
     precompute = time.perf_counter() - t0
-    model = WhisperForConditionalGeneration.from_pretrained(path)
+    if args.quant == "none":
+        model = WhisperForConditionalGeneration.from_pretrained(path, dtype="float32")
+    else:  # the PEFT int8 example: load_in_8bit, device_map="auto", prepare_model_for_kbit_training
+        qconfig = (BitsAndBytesConfig(load_in_8bit=True) if args.quant == "8bit" else
+                   BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                      bnb_4bit_compute_dtype="bfloat16"))
+        model = WhisperForConditionalGeneration.from_pretrained(path, dtype="float32", quantization_config=qconfig,
+                                                                device_map="auto")
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.gradient_checkpointing)
+    if args.gradient_checkpointing and args.quant == "none":
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.forced_decoder_ids = None
     model.generation_config.language, model.generation_config.task = "ko", "transcribe"
     model = get_peft_model(model, LoraConfig(r=32, lora_alpha=64, target_modules=["q_proj", "v_proj"],
@@ -153,6 +238,7 @@ def run_standard(steps: int, out: Path, args) -> dict:
         warmup_steps=max(1, steps // 10), max_steps=steps, lr_scheduler_type="linear", save_strategy="no",
         logging_steps=1, report_to=[], remove_unused_columns=False, label_names=["labels"],
         use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0, seed=42, disable_tqdm=True,
+        bf16=args.precision == "bf16", fp16=args.precision == "fp16",
     )
     trainer = Seq2SeqTrainer(model=model, args=training_args, train_dataset=ds,
                              data_collator=DataCollatorSpeechSeq2SeqWithPadding(processor, model.config.decoder_start_token_id),
@@ -162,7 +248,7 @@ def run_standard(steps: int, out: Path, args) -> dict:
     wall = time.perf_counter() - start + precompute
     model.save_pretrained(out / "final")
     (out / "final" / "asr_lora.json").write_text(json.dumps({"audio_context": "full", "language": "ko",
-                                                             "task": "transcribe", "base_model": MODEL}))
+                                                             "task": "transcribe", "base_model": args.model}))
     times = step_times[1:] or step_times
     eval_seconds = standard_eval_pass(model, processor, args) if args.phase == "budget" else None
     return {"wall_seconds": wall, "precompute_seconds": precompute, "step_seconds": sum(times) / len(times),
@@ -199,8 +285,8 @@ def score_adapter(adapter: str, manifest: Path, args) -> dict:
     from asr_lora.model import load_adapter_model
     from asr_lora.trimmed import COLLATOR_PADDING, audio_context_of
 
-    model = load_adapter_model(adapter, base=MODEL)
-    processor = WhisperProcessor.from_pretrained(resolve_model(MODEL))
+    model = load_adapter_model(adapter, base=args.model)
+    processor = WhisperProcessor.from_pretrained(resolve_model(args.model))
     collator = WhisperCollator(processor.tokenizer, padding=COLLATOR_PADDING[audio_context_of(model)])
     result = evaluate_rows(model, processor.tokenizer, collator, read_manifest_rows(manifest),
                            batch_size=args.batch_size, max_new_tokens=128)
@@ -229,7 +315,10 @@ def child(args) -> dict:
 
 def spawn(system: str, phase: str, steps: int, args) -> dict:
     cmd = [sys.executable, __file__, "--child", "--system", system, "--phase", phase, "--steps", str(steps),
-           "--batch-size", str(args.batch_size), "--workdir", args.workdir]
+           "--batch-size", str(args.batch_size), "--workdir", args.workdir, "--model", args.model,
+           "--quant", args.quant, "--precision", args.precision, "--train", str(args.train)]
+    if args.gradient_checkpointing:
+        cmd.append("--gradient-checkpointing")
     print(f"# {phase}: {system}, {steps} steps", file=sys.stderr, flush=True)
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -237,15 +326,30 @@ def spawn(system: str, phase: str, steps: int, args) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def setting_line(results: dict) -> str:
+    return (f"Measured {results['date']} on {results['device']} (torch threads: {results['threads']}), "
+            f"{results['model_desc']}, LoRA r=32 q_proj/v_proj, batch {results['batch_size']}, "
+            f"{results['precision_desc']}, train clips: {results['train_desc']} (mean {results['mean_seconds']:.1f} s).")
+
+
 def markdown(results: dict) -> str:
-    tp, bud = results["throughput"], results["budget"]
+    tp, bud = results["throughput"], results.get("budget") or {}
     base = tp["standard"]["utt_per_s"]
+    mem = "peak GPU memory" if results["gpu"] else "peak memory (RSS)"
+    if not bud:
+        lines = [setting_line(results), "",
+                 f"| system | train utt/s | vs standard | step s | {mem} |", "|---|---:|---:|---:|---:|"]
+        for name in SYSTEMS:
+            t = tp[name]
+            lines.append(f"| {name} | {t['utt_per_s']:.2f} | {t['utt_per_s'] / base:.1f}x | {t['step_seconds']:.3f} | "
+                         f"{t['peak_memory_mb'] / 1024:.1f} GB |")
+        lines += ["", f"Throughput over {results['throughput_steps']} optimizer steps after one warm-up step, each "
+                  "system in its own process. Random weights: speed does not depend on the weight values "
+                  "(the same shapes, kernels and sequence lengths run), so no CER is given."]
+        return "\n".join(lines)
     lines = [
-        f"Measured {results['date']} on {results['device']} (torch threads: {results['threads']}), "
-        f"whisper-base (bundled), LoRA r=32 q_proj/v_proj, batch {results['batch_size']}, fp32, demo corpus "
-        f"(360 train / 50 dev / 50 test synthetic Korean clips, mean 3.1 s).",
-        "",
-        "| system | train utt/s | vs standard | peak memory | steps in budget | dev CER | test CER | dev eval pass | eval speed-up |",
+        setting_line(results), "",
+        f"| system | train utt/s | vs standard | {mem} | steps in budget | dev CER | test CER | dev eval pass | eval speed-up |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     std_eval = bud["standard"]["standard_eval_seconds"]
@@ -255,18 +359,23 @@ def markdown(results: dict) -> str:
         lines.append(f"| {name} | {t['utt_per_s']:.2f} | {t['utt_per_s'] / base:.1f}x | {t['peak_memory_mb']:.0f} MB | "
                      f"{b['steps']} | {b['dev']['cer']:.4f} | {b['test']['cer']:.4f} | {eval_s:.1f} s | "
                      f"{std_eval / eval_s:.1f}x |")
-    lines += ["", f"Budget: {results['budget_seconds']} s of training wall-clock per system (steps = budget x "
-              "measured throughput; the standard recipe's feature precomputation counts in its budget). "
-              "CER is scored with asr-lora's evaluator for all three, each in the audio context it was trained "
-              "in. The standard eval pass is 30 s features with generation_max_length 225, as in the HF recipe."]
+    lines += ["", f"Throughput over {results['throughput_steps']} optimizer steps after one warm-up step. "
+              f"Budget: {results['budget_seconds']:g} s of training wall-clock per system (steps = budget x "
+              "measured throughput, each with a full warmup/decay schedule; the standard recipe's feature "
+              "precomputation counts in its budget). CER is scored with asr-lora's evaluator for all three, "
+              "each in the audio context it was trained in. The standard dev eval pass is the HF recipe's: "
+              "30 s features, `generate` with max_new_tokens 225; asr-lora's is its per-checkpoint "
+              "evaluation (one encoder pass, tokens capped from the label lengths, trimmed context in that "
+              "mode). Each system runs in its own process; numbers from one run."]
     return "\n".join(lines)
 
 
-def write_benchmarks_md(section: str) -> None:
+def write_benchmarks_md(section: str, key: str, title: str) -> None:
+    """Put ``section`` under ``## title`` between ``<!-- key:start -->`` and ``<!-- key:end -->`` in BENCHMARKS.md."""
     path = REPO / "BENCHMARKS.md"
     text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
-    start, end = "<!-- training:start -->", "<!-- training:end -->"
-    block = f"{start}\n## Training and evaluation: trimmed context vs 30 s vs the standard recipe\n\n{section}\n{end}"
+    start, end = f"<!-- {key}:start -->", f"<!-- {key}:end -->"
+    block = f"{start}\n## {title}\n\n{section}\n{end}"
     if start in text:
         text = text[: text.index(start)] + block + text[text.index(end) + len(end):]
     else:
@@ -280,7 +389,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--throughput-steps", type=int, default=4, help="steps timed per system (+1 warm-up)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=SYSTEMS)
+    parser.add_argument("--phases", nargs="+", default=["throughput", "budget"], choices=["throughput", "budget"])
+    parser.add_argument("--model", default=MODEL, help="base model name or folder (default %(default)s)")
+    parser.add_argument("--random-shape", choices=sorted(SHAPES),
+                        help="instead of --model: a Whisper of this shape with random weights (throughput only)")
+    parser.add_argument("--files-from", type=Path, default=None,
+                        help="folder with config/tokenizer files for --random-shape (default: the bundled base)")
+    parser.add_argument("--quant", default="none", choices=["none", "8bit", "4bit"], help="base quantisation, all systems")
+    parser.add_argument("--precision", default=None, choices=["no", "bf16", "fp16"],
+                        help="mixed precision, all systems (default: bf16 on a GPU, else no)")
+    parser.add_argument("--gradient-checkpointing", action="store_true", help="for all systems")
+    parser.add_argument("--concat", type=int, default=1, help="train on N demo clips joined into one (default 1)")
+    parser.add_argument("--train", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--write", action="store_true", help="write the table into BENCHMARKS.md")
+    parser.add_argument("--section", default=None, help="BENCHMARKS.md section key (default from the settings)")
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--system", help=argparse.SUPPRESS)
@@ -296,20 +418,50 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     import torch
 
+    gpu = torch.cuda.is_available()
+    args.precision = args.precision or ("bf16" if gpu else "no")
     args.workdir = args.workdir or tempfile.mkdtemp(prefix="asr-lora-bench-")
+    work = Path(args.workdir)
+    if args.random_shape:
+        from asr_lora.bundled import resolve_model
+
+        files_from = args.files_from or Path(resolve_model(MODEL))
+        args.model = str(make_random_model(args.random_shape, files_from, work / f"random-{args.random_shape}"))
+        model_desc = f"whisper-{args.random_shape}-shaped model with random weights"
+        if "budget" in args.phases:
+            parser.error("--random-shape measures throughput only (--phases throughput): CER of random weights means nothing")
+    else:
+        model_desc = "whisper-base (bundled)" if args.model == MODEL else args.model
+    train = REPO / "data/demo/train.jsonl"
+    args.train = str(concat_manifest(train, args.concat, work / f"concat{args.concat}") if args.concat > 1 else train)
     results = {"date": time.strftime("%Y-%m-%d"), "device": device_name(), "threads": torch.get_num_threads(),
                "python": platform.python_version(), "batch_size": args.batch_size, "budget_seconds": args.budget,
+               "gpu": gpu, "model": args.model, "model_desc": model_desc + (f", {args.quant} base" if args.quant != "none" else ""),
+               "precision_desc": {"no": "fp32", "bf16": "bf16 autocast", "fp16": "fp16 autocast"}[args.precision]
+               + (", gradient checkpointing" if args.gradient_checkpointing else ""),
+               "train_desc": ("demo corpus train split, 360 synthetic Korean clips" if args.concat == 1 else
+                              f"demo train clips joined {args.concat} at a time"),
+               "mean_seconds": mean_duration(Path(args.train)), "throughput_steps": args.throughput_steps,
                "throughput": {}, "budget": {}}
-    for system in args.systems:
-        results["throughput"][system] = spawn(system, "throughput", args.throughput_steps + 1, args)
-    for system in args.systems:
-        tp = results["throughput"][system]
-        spare = tp.get("precompute_seconds", 0.0)
-        steps = max(2, int((args.budget - spare) / tp["step_seconds"]))
-        results["budget"][system] = spawn(system, "budget", steps, args)
+    if "throughput" in args.phases:
+        for system in args.systems:
+            results["throughput"][system] = spawn(system, "throughput", args.throughput_steps + 1, args)
+    if "budget" in args.phases:
+        for system in args.systems:
+            tp = results["throughput"][system]
+            spare = tp.get("precompute_seconds", 0.0)
+            steps = max(2, int((args.budget - spare) / tp["step_seconds"]))
+            results["budget"][system] = spawn(system, "budget", steps, args)
     print(json.dumps(results, indent=2))
-    if args.write and set(args.systems) == set(SYSTEMS):
-        write_benchmarks_md(markdown(results))
+    (work / "results.json").write_text(json.dumps(results, indent=2))
+    if args.write and set(args.systems) == set(SYSTEMS) and "throughput" in args.phases:
+        key = args.section or ("training" if not gpu and args.random_shape is None and args.concat == 1 else
+                               f"training-{'gpu' if gpu else 'cpu'}-{args.random_shape or 'model'}-{args.quant}"
+                               f"-concat{args.concat}")
+        title = ("Training and evaluation: trimmed context vs 30 s vs the standard recipe" if key == "training" else
+                 f"Training throughput: {model_desc}, {args.quant} base, {results['precision_desc']}, "
+                 f"mean clip {results['mean_seconds']:.1f} s, {results['device']}")
+        write_benchmarks_md(markdown(results), key, title)
     return 0
 
 

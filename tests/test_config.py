@@ -35,6 +35,16 @@ def test_int_accepted_for_float_and_none_for_optional(tmp_path):
     assert cfg.train.lr == 1.0 and cfg.eval.max_samples is None
 
 
+def test_yaml_boolean_words_read_as_choices(tmp_path):
+    """YAML 1.1 reads an unquoted ``no`` as False; a choice field that offers "no" takes it as "no"."""
+    cfg = load_recipe(write(tmp_path, "train:\n  mixed_precision: no\n"))
+    assert cfg.train.mixed_precision == "no"
+    cfg = load_recipe(write(tmp_path, "train:\n  mixed_precision: bf16\n"), ["train.mixed_precision=no"])
+    assert cfg.train.mixed_precision == "no"
+    with pytest.raises(ConfigError, match=r"model.quant: True is not one of"):
+        load_recipe(write(tmp_path, "model:\n  quant: yes\n"))
+
+
 @pytest.mark.parametrize(
     "text, overrides, match",
     [

@@ -40,6 +40,16 @@ def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
     return loss, int((labels != -100).sum())
 
 
+def _length_key(row: dict) -> float:
+    """Sort key for batching: the segment or clip duration when the manifest gives it, else the text length
+    (a duration proxy at about 0.2 s per character)."""
+    if row.get("end") is not None and row.get("offset") is not None:
+        return float(row["end"]) - float(row["offset"])
+    if row.get("duration"):
+        return float(row["duration"])
+    return 0.2 * len(row.get("text") or "")
+
+
 @torch.no_grad()
 def evaluate_rows(model, tokenizer, collator: Callable, rows: Sequence[dict], *, batch_size: int = 16,
                   language: str = "ko", task: str = "transcribe", max_new_tokens: int = 128,
@@ -54,10 +64,14 @@ def evaluate_rows(model, tokenizer, collator: Callable, rows: Sequence[dict], *,
     dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
     ids, refs, hyps, skipped = [], [], [], []
     loss_sum, n_tokens = 0.0, 0
-    text_of = {str(r.get("id", i)): r["text"] for i, r in enumerate(rows)}
+    rows = [dict(r, id=str(r.get("id", i))) for i, r in enumerate(rows)]
+    # Batches of similar lengths: trimmed batches pad less, and the decoding cap (from the longest
+    # label) fits every row of a batch. Results return in the given order.
+    order = sorted(range(len(rows)), key=lambda i: _length_key(rows[i]))
+    done: list[int] = []  # row index of each result
     batches = range(0, len(rows), batch_size)
     for start_i in tqdm(batches, desc="eval", leave=False, disable=not progress):
-        chunk = [dict(r, id=str(r.get("id", start_i + j))) for j, r in enumerate(rows[start_i:start_i + batch_size])]
+        chunk = [rows[i] for i in order[start_i:start_i + batch_size]]
         batch = collator(chunk)
         skipped.extend(batch["skipped"])
         if not batch["ids"]:
@@ -77,13 +91,20 @@ def evaluate_rows(model, tokenizer, collator: Callable, rows: Sequence[dict], *,
         generated = model.generate(encoder_outputs=encoded, language=language, task=task,
                                    max_new_tokens=cap, num_beams=num_beams, use_cache=True)
         texts = tokenizer.batch_decode(generated, skip_special_tokens=True)
+        read = iter(batch["ids"])  # the collator keeps the chunk's order, leaving out what it skipped
+        want = next(read, None)
+        for i in order[start_i:start_i + batch_size]:
+            if rows[i]["id"] == want:
+                done.append(i)
+                want = next(read, None)
         ids.extend(batch["ids"])
-        refs.extend(text_of[i] for i in batch["ids"])
+        refs.extend(rows[i]["text"] for i in done[len(refs):])
         hyps.extend(t.strip() for t in texts)
     if was_training:
         model.train()
     if not ids:
         raise ValueError(f"nothing to evaluate: all {len(rows)} rows were skipped ({skipped[:3]})")
+    ids, refs, hyps = (list(x) for x in zip(*(t for _, t in sorted(zip(done, zip(ids, refs, hyps))))))
     report = score(refs, hyps, ids=ids)
     return EvalResult(report=report, eval_loss=loss_sum / max(n_tokens, 1), seconds=time.perf_counter() - start,
                       ids=ids, refs=refs, hyps=hyps, skipped=skipped)

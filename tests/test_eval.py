@@ -112,3 +112,38 @@ def test_eval_of_nothing_is_an_error(tiny_whisper, tmp_path, capsys):
     assert main(["eval", "--data", str(manifest), "--model", str(tiny_whisper), "--out", str(tmp_path / "o"),
                  "--no-progress"]) == 2
     assert "nothing to evaluate" in capsys.readouterr().err
+
+
+def test_evaluate_rows_batches_by_length_and_returns_rows_in_order(tiny_whisper, tmp_path):
+    """Rows are batched by length (shortest first) but come back in the given order, each hyp with its
+    own reference; an unreadable row in the middle is skipped without shifting the others."""
+    from transformers import WhisperForConditionalGeneration, WhisperProcessor
+
+    from asr_lora.data.collator import WhisperCollator
+    from asr_lora.evaluate import _length_key, evaluate_rows
+    from asr_lora.trimmed import apply_audio_context
+
+    model = WhisperForConditionalGeneration.from_pretrained(tiny_whisper)
+    apply_audio_context(model, "trimmed")
+    tokenizer = WhisperProcessor.from_pretrained(tiny_whisper).tokenizer
+    seen = []
+
+    def collate(rows):
+        seen.append([r["id"] for r in rows])
+        return WhisperCollator(tokenizer, padding="longest")(rows)
+
+    rows = [{"id": "long", "audio": str(ASSETS / "ko_finetune.flac"), "text": "둘", "duration": 9.0},
+            {"id": "missing", "audio": str(tmp_path / "nope.flac"), "text": "없음", "duration": 5.0},
+            {"id": "short", "audio": str(ASSETS / "ko_greeting.flac"), "text": "하나", "duration": 1.0},
+            {"id": "mid", "audio": str(ASSETS / "en_fox.flac"), "text": "셋", "duration": 3.0}]
+    result = evaluate_rows(model, tokenizer, collate, rows, batch_size=2, max_new_tokens=3)
+    assert seen == [["short", "mid"], ["missing", "long"]]
+    assert result.ids == ["long", "short", "mid"]
+    assert result.refs == ["둘", "하나", "셋"]
+    assert [uid for uid, _ in result.skipped] == ["missing"]
+    assert len(result.hyps) == 3
+    alone = evaluate_rows(model, tokenizer, collate, [rows[2]], batch_size=1, max_new_tokens=3)
+    assert alone.hyps == [result.hyps[1]]  # "short" got its own transcript back
+    # without durations, text length orders the batches; segments use end - offset
+    assert _length_key({"text": "가나다"}) < _length_key({"text": "가나다라마바"})
+    assert _length_key({"text": "x", "offset": 2.0, "end": 2.5, "duration": 60.0}) == 0.5

@@ -75,7 +75,8 @@ def _cmd_transcribe(args: argparse.Namespace) -> int:
 
     failures = transcribe_paths(args.paths, model=args.model, adapter=args.adapter, merged=args.merged, ct2=args.ct2,
                                 language=args.language, fmt=args.format, out=args.out, batch_size=args.batch_size,
-                                max_new_tokens=args.max_new_tokens, progress=not args.no_progress)
+                                max_new_tokens=args.max_new_tokens, progress=not args.no_progress,
+                                split=args.split)
     return 1 if failures else 0
 
 
@@ -251,9 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Transcribe audio files, folders (searched recursively) and JSONL manifests "
                        "with a base model, a LoRA checkpoint (no merge needed), a merged folder or a CTranslate2 "
                        "export; greedy decoding with the language forced. Audio longer than 30 s is cut into "
-                       "25-30 s windows at the quietest 200 ms, and segment timestamps are the window "
-                       "boundaries. Without --out, txt prints 'path<TAB>text' lines (manifest rows: "
-                       "'id<TAB>text'), tsv and json (one object per line) print to stdout too; with --out "
+                       "pieces (--split) whose boundaries are the segment timestamps. Without --out, txt "
+                       "prints 'path<TAB>text' lines (manifest rows: 'id<TAB>text'), tsv and json (one object per line) print to stdout too; with --out "
                        "each input gets OUT/<stem>.<format> (tsv: one OUT/transcripts.tsv). Unreadable "
                        "inputs are reported and skipped; the exit status is 1 if any failed.")
     p.add_argument("paths", nargs="+", metavar="PATH", help="audio files, folders or .jsonl manifests")
@@ -266,6 +266,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8, help="30 s windows per batch (default: %(default)s)")
     p.add_argument("--max-new-tokens", type=int, default=224,
                    help="generation cap per window (default: %(default)s, half Whisper's 448 positions)")
+    p.add_argument("--split", choices=["auto", "pauses", "windows"], default="auto",
+                   help="how audio over 30 s is cut: 'pauses' at every pause of 0.4 s or more (pieces of 2-30 "
+                   "s, utterance-sized cues), 'windows' into 25-30 s windows at the quietest 200 ms (fewest "
+                   "windows); 'auto' (default): pauses for a model trained with the trimmed audio context, "
+                   "whose encoder costs only a piece's length, windows otherwise")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_transcribe)
 
@@ -331,7 +336,8 @@ def _add_parity_options(p: argparse.ArgumentParser, tolerance_help: str) -> None
     p.add_argument("--data", default=None, metavar="MANIFEST",
                    help="dev clips for the parity check (default: data.dev of the run's recipe.yaml, else "
                    "data/demo/dev.jsonl)")
-    p.add_argument("--n-clips", type=int, default=8, help="clips in the parity check (default: %(default)s)")
+    p.add_argument("--n-clips", type=int, default=32,  # = export.PARITY_CLIPS (not imported: --help stays fast)
+                   help="clips in the parity check (default: %(default)s; fewer make an int8 CER noisy)")
     p.add_argument("--max-new-tokens", type=int, default=128, help="generation cap in the check (default: %(default)s)")
     p.add_argument("--tolerance", type=float, default=None, help=tolerance_help)
 

@@ -4,13 +4,22 @@ Inputs: audio files; folders (searched recursively for :data:`AUDIO_SUFFIXES`); 
 (each row is one input, its ``id`` naming it, ``offset``/``end`` honoured). Unreadable inputs are
 reported on stderr and skipped; the rest are still transcribed.
 
-Long audio: a file of at most 30 s is one window. A longer one is cut into windows of 25-30 s, each
-cut placed at the quietest 200 ms (lowest mean energy) between 25 s and 30 s after the window's
-start, so words are rarely split; the last window is whatever is left (at most 30 s), and a cut is
-never placed less than 5 s before the end of the file. Segment timestamps are the window
-boundaries: monotonic, contiguous, covering the whole file.
+Long audio: a file of at most 30 s is one window. A longer one is cut in one of two ways
+(``split``; "auto" picks "pauses" for a model with the trimmed audio context, "windows" otherwise):
 
-Output formats: ``txt`` (the whole text), ``srt`` and ``vtt`` (one cue per non-empty window),
+- ``windows``: windows of 25-30 s, each cut placed at the quietest 200 ms (lowest mean energy)
+  between 25 s and 30 s after the window's start, so words are rarely split; the last window is
+  whatever is left (at most 30 s), and a cut is never placed less than 5 s before the end of the
+  file. The fewest windows: the choice when every window costs a full 30 s encoder pass.
+- ``pauses``: a cut in the middle of every pause of at least 0.4 s (frames within 10 dB of the
+  file's noise floor or 35 dB below its speech level, and at least 15 dB below it), pieces under 2 s
+  joined to the one before, and any piece over 30 s cut as in ``windows``. Utterance-sized
+  segments: subtitle-sized cues, and the short inputs a trimmed-context model was trained on (its
+  encoder then costs only the piece's length).
+
+Segment timestamps are the piece boundaries: monotonic, contiguous, covering the whole file.
+
+Output formats: ``txt`` (the whole text), ``srt`` and ``vtt`` (one cue per non-empty piece),
 ``json`` (text and segments), ``tsv`` (one row per segment: path, start, end, text).
 """
 
@@ -38,6 +47,9 @@ MAX_WINDOW = 30.0  # seconds: Whisper's input
 MIN_TAIL = 5.0  # seconds: never leave a last window shorter than this
 ENERGY_FRAME = 0.02  # seconds per energy frame
 QUIET_SPAN = 0.2  # seconds averaged when looking for the quietest point
+MIN_PAUSE = 0.4  # seconds of quiet that end a segment ("pauses")
+MIN_SEGMENT = 2.0  # seconds: a shorter piece joins the one before ("pauses")
+SPLITS = ("auto", "pauses", "windows")
 
 
 # --------------------------------------------------------------------------- inputs
@@ -113,6 +125,49 @@ def split_points(audio: np.ndarray, sr: int = SAMPLE_RATE) -> list[int]:
         bounds.append(lo + int(np.argmin(smooth)) * frame + frame // 2)
     bounds.append(n)
     return bounds
+
+
+def pause_points(audio: np.ndarray, sr: int = SAMPLE_RATE) -> list[int]:
+    """Sample indices of segment boundaries at pauses, from 0 to ``len(audio)`` (see the module docstring)."""
+    n = len(audio)
+    frame = int(ENERGY_FRAME * sr)
+    n_frames = n // frame
+    if n <= int(MAX_WINDOW * sr) or n_frames < 2:
+        return [0, n]
+    energy = (audio[: n_frames * frame].reshape(n_frames, frame).astype(np.float64) ** 2).mean(axis=1)
+    db = 10 * np.log10(np.maximum(energy, 1e-10))
+    floor, speech = np.percentile(db, 2), np.percentile(db, 95)
+    # near the noise floor or far below speech, but never within 15 dB of speech (no pauses: windows)
+    quiet = db < min(max(floor + 10.0, speech - 35.0), speech - 15.0)
+    min_run = int(round(MIN_PAUSE / ENERGY_FRAME))
+    cuts, i = [], 0
+    while i < n_frames:  # the middle of each interior run of quiet frames long enough
+        if not quiet[i]:
+            i += 1
+            continue
+        j = i
+        while j < n_frames and quiet[j]:
+            j += 1
+        if j - i >= min_run and i > 0 and j < n_frames:
+            cuts.append((i + j) // 2 * frame)
+        i = j
+    min_piece = int(MIN_SEGMENT * sr)
+    bounds = [0]
+    for cut in cuts:
+        if cut - bounds[-1] >= min_piece:
+            bounds.append(cut)
+    if len(bounds) > 1 and n - bounds[-1] < min_piece:
+        bounds.pop()
+    bounds.append(n)
+    out = [0]
+    for a, b in zip(bounds[:-1], bounds[1:]):  # pieces over 30 s: cut as in "windows"
+        out += [a + x for x in split_points(audio[a:b], sr)[1:]]
+    return out
+
+
+def segment_bounds(audio: np.ndarray, split: str, sr: int = SAMPLE_RATE) -> list[int]:
+    """Boundaries of the pieces to transcribe: ``split`` is "pauses" or "windows"."""
+    return pause_points(audio, sr) if split == "pauses" else split_points(audio, sr)
 
 
 # --------------------------------------------------------------------------- output formats
@@ -234,10 +289,14 @@ def _load(item: Item, failures: list[Failure]) -> np.ndarray | None:
 
 
 def transcribe_items(transcriber, items: list[Item], writer: Writer, *, batch_size: int = 8,
-                     progress: bool = True) -> list[Failure]:
-    """Transcribe ``items`` window by window in batches (windows of several files share a batch),
-    writing each transcript as soon as its last window is done, in input order; returns the
-    items that could not be read (each reported on stderr)."""
+                     progress: bool = True, split: str = "auto") -> list[Failure]:
+    """Transcribe ``items`` piece by piece in batches (pieces of several files share a batch),
+    writing each transcript as soon as its last piece is done, in input order; returns the
+    items that could not be read (each reported on stderr). ``split``: see the module docstring."""
+    if split not in SPLITS:
+        raise UserError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+    if split == "auto":
+        split = "pauses" if transcriber.settings.audio_context == "trimmed" else "windows"
     from tqdm import tqdm
 
     failures: list[Failure] = []
@@ -261,7 +320,7 @@ def transcribe_items(transcriber, items: list[Item], writer: Writer, *, batch_si
         if audio is None:
             bar.update(1)
             continue
-        bounds = split_points(audio)
+        bounds = segment_bounds(audio, split)
         transcript = Transcript(item, len(audio) / SAMPLE_RATE, windows_left=len(bounds) - 1)
         unfinished.append(transcript)
         for k, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
@@ -278,8 +337,8 @@ def transcribe_items(transcriber, items: list[Item], writer: Writer, *, batch_si
 def transcribe_paths(paths: list[str], *, model: str | None = None, adapter: str | None = None,
                      merged: str | None = None, ct2: str | None = None, language: str | None = None,
                      fmt: str = "txt", out: str | Path | None = None, batch_size: int = 8,
-                     max_new_tokens: int | None = None, progress: bool = True, stdout: TextIO | None = None
-                     ) -> list[Failure]:
+                     max_new_tokens: int | None = None, progress: bool = True, stdout: TextIO | None = None,
+                     split: str = "auto") -> list[Failure]:
     """Transcribe files, folders and manifests (see the module docstring); return the failures,
     each already reported on stderr."""
     from .backends import DEFAULT_MAX_NEW_TOKENS, DEFAULT_MODEL, load_transcriber
@@ -299,7 +358,8 @@ def transcribe_paths(paths: list[str], *, model: str | None = None, adapter: str
                                        max_new_tokens=max_new_tokens or DEFAULT_MAX_NEW_TOKENS)
         writer = Writer(fmt, out, transcriber.settings.language, stdout)
         try:
-            unreadable = transcribe_items(transcriber, items, writer, batch_size=batch_size, progress=progress)
+            unreadable = transcribe_items(transcriber, items, writer, batch_size=batch_size, progress=progress,
+                                          split=split)
         finally:
             writer.close()
         failures += unreadable

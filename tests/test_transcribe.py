@@ -13,7 +13,7 @@ import soundfile as sf
 
 from asr_lora.audio import SAMPLE_RATE, load_audio
 from asr_lora.cli import main
-from asr_lora.transcribe import _timestamp, split_points
+from asr_lora.transcribe import _timestamp, pause_points, split_points
 
 from .conftest import ASSETS
 from .test_export import make_adapter, write_manifest
@@ -102,6 +102,41 @@ def test_no_sliver_at_the_end():
     bounds = split_points(np.ones(int(60.5 * SAMPLE_RATE), dtype=np.float32))
     widths = np.diff(bounds) / SAMPLE_RATE
     assert (widths <= 30).all() and widths[-1] >= 5
+
+
+def _speech_with_pauses(pieces: list[tuple[float, float]], seed: int = 0) -> tuple[np.ndarray, list[float]]:
+    """Noise bursts ("speech", seconds) each followed by a pause (seconds) of low noise; returns the audio
+    and the middle of each pause."""
+    rng = np.random.default_rng(seed)
+    parts, middles, t = [], [], 0.0
+    for speech, pause in pieces:
+        parts.append(0.3 * rng.standard_normal(int(speech * SAMPLE_RATE)))
+        parts.append(1e-4 * rng.standard_normal(int(pause * SAMPLE_RATE)))  # a noise floor, not digital silence
+        t += speech
+        middles.append(t + pause / 2)
+        t += pause
+    return np.concatenate(parts).astype(np.float32), middles
+
+
+def test_pauses_cut_long_audio_at_each_pause_and_keep_short_audio_whole():
+    audio, middles = _speech_with_pauses([(4.0, 0.6), (6.0, 0.5), (3.0, 0.2), (5.0, 0.8), (9.0, 0.5), (7.0, 0.0)])
+    bounds = pause_points(audio)
+    assert bounds[0] == 0 and bounds[-1] == len(audio) and bounds == sorted(bounds)
+    cuts = np.array(bounds[1:-1]) / SAMPLE_RATE
+    expected = [m for m, (_, pause) in zip(middles, [(4, .6), (6, .5), (3, .2), (5, .8), (9, .5)]) if pause >= 0.4]
+    assert len(cuts) == len(expected)  # the 0.2 s pause is not a cut
+    assert np.abs(cuts - np.array(expected)).max() < 0.05
+    assert pause_points(audio[: 20 * SAMPLE_RATE]) == [0, 20 * SAMPLE_RATE]  # at most 30 s: one window
+
+
+def test_pauses_join_short_pieces_and_cut_long_ones():
+    # 1 s "words" with pauses: pieces under 2 s join the one before; 70 s without a pause is cut in windows
+    audio, _ = _speech_with_pauses([(1.0, 0.5)] * 8 + [(70.0, 0.5), (1.0, 0.0)])
+    bounds = pause_points(audio)
+    widths = np.diff(bounds) / SAMPLE_RATE
+    assert bounds[0] == 0 and bounds[-1] == len(audio)
+    assert (widths >= 2.0 - 1e-6).all() and (widths <= 30.0 + 1e-6).all()
+    assert len(bounds) - 1 >= 3 + 3  # several pieces in the first 12 s, 3 windows over the 70 s
 
 
 def test_timestamp_format():

@@ -406,8 +406,10 @@ def markdown(results: dict) -> str:
             lines.append(f"| {name} | {t['utt_per_s']:.2f} | {t['utt_per_s'] / base:.1f}x | {t['step_seconds']:.3f} | "
                          f"{t['peak_memory_mb'] / 1024:.1f} GB |")
         lines += ["", f"Throughput over {results['throughput_steps']} optimizer steps after one warm-up step, each "
-                  "system in its own process. Random weights: speed does not depend on the weight values "
-                  "(the same shapes, kernels and sequence lengths run), so no CER is given."]
+                  "system in its own process."]
+        if results.get("random_shape"):
+            lines[-1] += (" Random weights: speed does not depend on the weight values (the same shapes, kernels "
+                          "and sequence lengths run), so no CER is given.")
         return "\n".join(lines)
     ev = results.get("eval") or {}
     lines = [
@@ -513,7 +515,7 @@ def main(argv: list[str] | None = None) -> int:
     args.train = str(concat_manifest(train, args.concat, work / f"concat{args.concat}") if args.concat > 1 else train)
     results = {"date": time.strftime("%Y-%m-%d"), "device": device_name(), "threads": torch.get_num_threads(),
                "python": platform.python_version(), "batch_size": args.batch_size, "budget_seconds": args.budget,
-               "gpu": gpu, "model": args.model, "model_desc": model_desc + (f", {args.quant} base" if args.quant != "none" else ""),
+               "gpu": gpu, "model": args.model, "random_shape": args.random_shape, "model_desc": model_desc + (f", {args.quant} base" if args.quant != "none" else ""),
                "precision_desc": {"no": "fp32", "bf16": "bf16 autocast", "fp16": "fp16 autocast"}[args.precision]
                + (", gradient checkpointing" if args.gradient_checkpointing else ""),
                "train_desc": ("demo corpus train split, 360 synthetic Korean clips" if args.concat == 1 else
@@ -545,7 +547,8 @@ def main(argv: list[str] | None = None) -> int:
                                f"training-{'gpu' if gpu else 'cpu'}-{args.random_shape or 'model'}-{args.quant}"
                                f"-concat{args.concat}")
         title = ("Training and evaluation: trimmed context vs 30 s vs the standard recipe" if key == "training" else
-                 f"Training throughput: {model_desc}, {args.quant} base, {results['precision_desc']}, "
+                 f"Training throughput: {model_desc}, {'unquantised' if args.quant == 'none' else args.quant} base, "
+                 f"{results['precision_desc']}, "
                  f"mean clip {results['mean_seconds']:.1f} s, {results['device']}")
         write_benchmarks_md(markdown(results), key, title)
     return 0

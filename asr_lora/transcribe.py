@@ -17,7 +17,9 @@ Long audio: a file of at most 30 s is one window. A longer one is cut in one of 
   segments: subtitle-sized cues, and the short inputs a trimmed-context model was trained on (its
   encoder then costs only the piece's length).
 
-Segment timestamps are the piece boundaries: monotonic, contiguous, covering the whole file.
+Segment timestamps are the piece boundaries: monotonic, contiguous, covering the whole file. A piece
+that is digital silence (peak below -60 dBFS) or shorter than 0.1 s is not decoded and its text is
+empty (Whisper would invent a sentence for it).
 
 Output formats: ``txt`` (the whole text), ``srt`` and ``vtt`` (one cue per non-empty piece),
 ``json`` (text and segments), ``tsv`` (one row per segment: path, start, end, text).
@@ -50,6 +52,10 @@ QUIET_SPAN = 0.2  # seconds averaged when looking for the quietest point
 MIN_PAUSE = 0.4  # seconds of quiet that end a segment ("pauses")
 MIN_SEGMENT = 2.0  # seconds: a shorter piece joins the one before ("pauses")
 SPLITS = ("auto", "pauses", "windows")
+# Pieces with nothing to hear are not decoded (their text is empty): Whisper invents a sentence for
+# digital silence and for slivers too short to hold a syllable.
+SILENT_PEAK = 1e-3  # max |sample| below -60 dBFS
+MIN_AUDIBLE = 0.1  # seconds
 
 
 # --------------------------------------------------------------------------- inputs
@@ -178,7 +184,7 @@ class Transcript:
     item: Item
     duration: float
     segments: list[dict] = field(default_factory=list)  # {"start", "end", "text"}
-    windows_left: int = 0  # windows still to decode
+    windows_left: int = 0  # pieces still to decode
 
     @property
     def text(self) -> str:
@@ -279,6 +285,11 @@ class Writer:
 # --------------------------------------------------------------------------- the job
 
 
+def audible(piece: np.ndarray, sr: int = SAMPLE_RATE) -> bool:
+    """Whether a piece is worth decoding: at least :data:`MIN_AUDIBLE` long and not digital silence."""
+    return len(piece) >= MIN_AUDIBLE * sr and float(np.abs(piece).max()) >= SILENT_PEAK
+
+
 def _load(item: Item, failures: list[Failure]) -> np.ndarray | None:
     try:
         return load_audio(item.audio, offset=item.offset, end=item.end)
@@ -321,11 +332,15 @@ def transcribe_items(transcriber, items: list[Item], writer: Writer, *, batch_si
             bar.update(1)
             continue
         bounds = segment_bounds(audio, split)
-        transcript = Transcript(item, len(audio) / SAMPLE_RATE, windows_left=len(bounds) - 1)
+        pieces = list(zip(bounds[:-1], bounds[1:]))
+        heard = [audible(audio[a:b]) for a, b in pieces]
+        transcript = Transcript(item, len(audio) / SAMPLE_RATE, windows_left=sum(heard))
         unfinished.append(transcript)
-        for k, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
+        for k, (a, b) in enumerate(pieces):
             transcript.segments.append({"start": round(a / SAMPLE_RATE, 3), "end": round(b / SAMPLE_RATE, 3),
                                         "text": ""})
+            if not heard[k]:
+                continue
             pending.append((transcript, k, audio[a:b]))
             if len(pending) >= batch_size:
                 flush()

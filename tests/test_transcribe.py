@@ -13,7 +13,7 @@ import soundfile as sf
 
 from asr_lora.audio import SAMPLE_RATE, load_audio
 from asr_lora.cli import main
-from asr_lora.transcribe import _timestamp, pause_points, split_points
+from asr_lora.transcribe import Item, Writer, _timestamp, pause_points, split_points, transcribe_items
 
 from .conftest import ASSETS
 from .test_export import make_adapter, write_manifest
@@ -137,6 +137,45 @@ def test_pauses_join_short_pieces_and_cut_long_ones():
     assert bounds[0] == 0 and bounds[-1] == len(audio)
     assert (widths >= 2.0 - 1e-6).all() and (widths <= 30.0 + 1e-6).all()
     assert len(bounds) - 1 >= 3 + 3  # several pieces in the first 12 s, 3 windows over the 70 s
+
+
+class SpyTranscriber:
+    """Records the piece lengths it is asked to decode; every piece reads 'speech'."""
+
+    class settings:
+        audio_context = "full"
+
+    def __init__(self):
+        self.decoded: list[int] = []
+
+    def transcribe_batch(self, pieces):
+        self.decoded += [len(p) for p in pieces]
+        return ["speech"] * len(pieces)
+
+
+def test_silence_and_slivers_are_not_decoded(tmp_path):
+    """Digital silence and a 50 ms sliver get empty text without decoding (Whisper invents a sentence
+    for them); a file whose one window is silent still gets a transcript, in input order."""
+    clip = load_audio(ASSETS / "ko_greeting.flac")
+    silent_gap = np.zeros(40 * SAMPLE_RATE, dtype=np.float32)
+    files = {"silence.wav": silent_gap, "sliver.wav": clip[: SAMPLE_RATE // 20],
+             "speech_then_silence.wav": np.concatenate([clip, silent_gap]), "speech.wav": clip}
+    items = []
+    for name, audio in files.items():
+        sf.write(tmp_path / name, audio, SAMPLE_RATE)
+        items.append(Item(str(tmp_path / name), str(tmp_path / name)))
+    spy, out = SpyTranscriber(), tmp_path / "out"
+    writer = Writer("json", out, "ko", None)
+    assert transcribe_items(spy, items, writer, batch_size=2, progress=False, split="windows") == []
+    docs = {name: json.loads((out / f"{Path(name).stem}.json").read_text()) for name in files}
+    assert docs["silence.wav"]["text"] == "" and docs["sliver.wav"]["text"] == ""
+    assert docs["speech.wav"]["text"] == "speech"
+    segs = docs["speech_then_silence.wav"]["segments"]
+    assert len(segs) == 2 and [s["text"] for s in segs] == ["speech", ""]  # the silent window is not decoded
+    assert abs(segs[-1]["end"] - len(files["speech_then_silence.wav"]) / SAMPLE_RATE) < 1e-3
+    assert len(spy.decoded) == 2 and spy.decoded.count(len(clip)) == 1  # speech.wav + the first window
+    assert [p.name for p in writer.written] == ["silence.json", "sliver.json", "speech_then_silence.json",
+                                                "speech.json"]
 
 
 def test_timestamp_format():

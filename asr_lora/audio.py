@@ -100,7 +100,8 @@ def load_audio(
         raise AudioError(path, f"cannot decode ({type(e).__name__}: {e})") from e
 
     if audio.shape[0] == 0:
-        where = "" if offset is None and end is None else f" between {offset or 0.0}s and {end}s"
+        where = ("" if offset is None and end is None else
+                 f" between {offset or 0.0:g} s and {'the end' if end is None else f'{end:g} s'} (past the end of the file?)")
         raise AudioError(path, f"no audio samples{where}")
     if not np.isfinite(audio).all():
         raise AudioError(path, "contains NaN or infinite samples")

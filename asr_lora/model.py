@@ -241,6 +241,8 @@ def adapter_base_name(adapter_dir: str | Path) -> str:
     try:
         name = json.loads(path.read_text(encoding="utf-8")).get("base_model_name_or_path")
     except FileNotFoundError:
+        if not Path(adapter_dir).exists():
+            raise UserError(f"{adapter_dir}: no such folder") from None
         raise UserError(f"{adapter_dir}: no {ADAPTER_CONFIG}; is this a LoRA adapter folder?") from None
     if not name:
         raise UserError(f"{path}: base_model_name_or_path is empty; pass the base model explicitly")

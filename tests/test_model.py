@@ -222,3 +222,12 @@ def test_whisper_base_lora_r32(bundled_base):
     assert count_lora_modules(model) == 36
     assert trainable_parameters(model) == (1_179_648, 73_773_568)
     assert trainable_summary(model) == "trainable params: 1,179,648 of 73,773,568 (1.60%)"
+
+
+def test_adapter_folder_errors_name_the_problem(tmp_path):
+    from asr_lora.model import adapter_base_name
+
+    with pytest.raises(UserError, match="nope: no such folder"):
+        adapter_base_name(tmp_path / "nope")
+    with pytest.raises(UserError, match="no adapter_config.json; is this a LoRA adapter folder"):
+        adapter_base_name(tmp_path)

@@ -323,16 +323,7 @@ def load_adapter_model(adapter_dir: str | Path, base: str | None = None, quant: 
     if quant == "none" and device_map is None:
         model = model.to("cuda" if torch.cuda.is_available() else "cpu")
     model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
-    apply_audio_context(model, read_run_meta(adapter_dir).get("audio_context", "full"))
+    from .backends import read_settings  # asr_lora.json: one reader for every command
+
+    apply_audio_context(model, read_settings(adapter_dir).audio_context)
     return model.eval()
-
-
-def read_run_meta(folder: str | Path) -> dict:
-    """``asr_lora.json`` of a checkpoint or merged folder (audio context, language, task), or {}."""
-    path = Path(folder) / "asr_lora.json"
-    if not path.is_file():
-        return {}
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}: not valid JSON ({e})") from None

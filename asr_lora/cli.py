@@ -236,7 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--resume", action="store_true",
                        help="continue from the latest complete checkpoint (the default when one exists)")
     group.add_argument("--fresh", action="store_true",
-                       help="ignore existing checkpoints in output_dir and start from step 0")
+                       help="start from step 0; a previous run in output_dir is moved to output_dir/previous-<time>/ "
+                       "(nothing is deleted)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_train)
 

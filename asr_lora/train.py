@@ -35,7 +35,9 @@ What happens when things go wrong (each promise has a test in ``tests/test_relia
   native bf16 is refused (:func:`resolve_mixed_precision`).
 * optimizer, scheduler and RNG states are read with ``torch.load(weights_only=True)``: a pickle
   that would run code is refused with a message naming the file.
-* one run per folder at a time (an advisory lock on ``.lock``).
+* one run per folder at a time (an advisory lock on ``.lock``); ``--fresh`` on a folder holding a
+  run moves that run's outputs to ``previous-<time>/`` first (its higher-numbered checkpoints
+  would otherwise be resumed into, and would outrank the new ones in rotation).
 
 ``ASR_LORA_TEST_PAUSE=POINT@STEP`` (POINT: ``step``, ``eval``, ``checkpoint``) is a test-only hook:
 the run writes ``<output_dir>/.test-paused`` and sleeps there, so a test can kill it at that point.
@@ -69,6 +71,8 @@ STEP_DIR = re.compile(r"^step-(\d{6,})$")
 TRAINER_STATE = "trainer_state.json"
 RUN_META = "asr_lora.json"
 LOCK_FILE = ".lock"
+# What a run writes into its folder besides step-NNNNNN/ (``--fresh`` sets these aside)
+RUN_OUTPUTS = ("best", "final", "metrics.jsonl", "tb", "cer.png", "recipe.yaml", "run_info.json", "demo_summary.json")
 TEST_PAUSE_ENV = "ASR_LORA_TEST_PAUSE"  # test-only: "POINT@STEP", see the module docstring
 TEST_PAUSE_MARKER = ".test-paused"
 
@@ -227,6 +231,8 @@ class Trainer:
 
         if acc.is_main_process:
             self._clean_temporaries()
+            if self.resume is False:
+                self._set_aside_previous_run()
         acc.wait_for_everyone()
         latest = latest_checkpoint(self.out)
         if latest is not None and self.resume is not False:
@@ -572,6 +578,23 @@ class Trainer:
                                 "resume from the one before it, or start over with --fresh") from e
         self._last_saved_step = self.state.step  # that checkpoint exists: a finished run is not saved again
         self.log(f"resumed from {path} (step {self.state.step})")
+
+    def _set_aside_previous_run(self) -> None:
+        """``--fresh`` on a folder that holds a run: move that run's outputs into ``previous-<time>/``
+        (nothing is deleted), so its checkpoints can neither be resumed into nor outrank and rotate
+        away the new run's."""
+        old = [p for p in self.out.iterdir() if p.name in RUN_OUTPUTS or STEP_DIR.match(p.name)]
+        if not old:
+            return
+        stamp, k = time.strftime("previous-%Y%m%d-%H%M%S"), 1
+        aside = self.out / stamp
+        while aside.exists():
+            k += 1
+            aside = self.out / f"{stamp}-{k}"
+        aside.mkdir()
+        for path in sorted(old):
+            os.rename(path, aside / path.name)
+        self.log(f"--fresh: moved the previous run in {self.out} ({len(old)} entries) to {aside.name}/")
 
     def _clean_temporaries(self) -> None:
         """Remove what an interrupted run left (temporaries, folders half-way through a replace) and say so."""

@@ -31,9 +31,11 @@ from asr_lora.errors import UserError
 from asr_lora.train import (
     TEST_PAUSE_ENV,
     TEST_PAUSE_MARKER,
+    TRAINER_STATE,
     Trainer,
     TrainingError,
     checkpoint_steps,
+    latest_checkpoint,
     resolve_mixed_precision,
     run_training,
 )
@@ -177,6 +179,24 @@ def test_replace_interrupted_between_renames_is_repaired(tiny_whisper, small_dat
     assert f"removed an unfinished checkpoint write: .step-{newest:06d}.tmp-delete" in err
     assert (out / "best" / "adapter_model.safetensors").is_file()
     assert trainer.state.step == older[-1]  # the newest complete checkpoint left
+
+
+def test_fresh_sets_the_previous_run_aside(tiny_whisper, small_data, reference, tmp_path, capsys):
+    """--fresh on a folder holding a 6-step run: that run moves to previous-*/ intact; the new run's
+    checkpoints are the only ones resume or rotation can see (the old step-000006 would otherwise
+    outrank them), and its losses are those of a run from step 0."""
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    train_with(recipe(tiny_whisper, small_data, out, *ARGS, "train.max_steps=2"), resume=False)
+    aside = [p for p in out.iterdir() if p.name.startswith("previous-")]
+    assert len(aside) == 1 and "--fresh: moved the previous run" in capsys.readouterr().err
+    assert sorted(p.name for p in aside[0].glob("step-*")) == ["step-000005", "step-000006"]
+    assert (aside[0] / "metrics.jsonl").read_text() == (reference / "metrics.jsonl").read_text()
+    assert latest_checkpoint(out) == out / "step-000002"
+    assert sorted(p.name for p in out.glob("step-*")) == ["step-000001", "step-000002"]
+    assert json.loads((out / "final" / TRAINER_STATE).read_text())["step"] == 2
+    new = losses(out)
+    assert sorted(new) == [1, 2] and all(abs(new[s] - losses(reference)[s]) < 1e-6 for s in new)
 
 
 def test_one_run_per_folder(tiny_whisper, small_data, tmp_path):

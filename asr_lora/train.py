@@ -430,22 +430,33 @@ class Trainer:
             read.append(len(batch["ids"]))
             return batch
 
+        start, why = time.perf_counter(), "no dev rows"
         try:
             result = evaluate_rows(model, self.tokenizer, collate, shard, batch_size=cfg.eval.batch_size,
                                    language=cfg.model.language, task=cfg.model.task,
                                    max_new_tokens=cfg.eval.max_new_tokens, num_beams=cfg.eval.num_beams,
-                                   device=acc.device)
+                                   device=acc.device) if shard else None
         except ValueError as e:
             if sum(read):
                 raise
-            raise TrainingError(f"step {st.step}: no dev row of {cfg.data.dev} could be read ({e})") from e
+            result, why = None, str(e)  # this shard was unreadable; others may not be: decide together
         if acc.num_processes > 1:
+            from .evaluate import EvalResult
             from .metrics import score
 
-            triples = gather_object(list(zip(result.ids, result.refs, result.hyps)))
-            losses = gather_object([(result.eval_loss, len(result.ids))])
-            result.report = score([t[1] for t in triples], [t[2] for t in triples], ids=[t[0] for t in triples])
-            result.eval_loss = sum(l * n for l, n in losses) / max(sum(n for _, n in losses), 1)
+            # every process takes part in the gathers, whatever its shard gave (else the others hang)
+            mine = result or EvalResult(None, 0.0, time.perf_counter() - start, [], [], [], [])
+            triples = gather_object(list(zip(mine.ids, mine.refs, mine.hyps)))
+            losses = gather_object([(mine.eval_loss, len(mine.ids))])
+            skipped = gather_object(list(mine.skipped) if result else [(str(r.get("id")), why) for r in shard])
+            if not triples:
+                raise TrainingError(f"step {st.step}: no dev row of {cfg.data.dev} could be read ({why})")
+            mine.report = score([t[1] for t in triples], [t[2] for t in triples], ids=[t[0] for t in triples])
+            mine.eval_loss = sum(l * n for l, n in losses) / max(sum(n for _, n in losses), 1)
+            mine.skipped = skipped
+            result = mine
+        elif result is None:
+            raise TrainingError(f"step {st.step}: no dev row of {cfg.data.dev} could be read ({why})")
         metrics = {"step": st.step, **result.metrics(), "bad_rows": st.bad_rows,
                    "skipped_updates": st.skipped_updates}
         if result.report.cer < st.best_cer:

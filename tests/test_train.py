@@ -177,31 +177,57 @@ def test_recipes_exist():
             "demo/whisper-base_lora.yaml"} <= names
 
 
-def test_ddp_two_cpu_processes_match_accumulation(tiny_whisper, small_data, tmp_path):
-    """DDP with 2 CPU processes (gloo; accelerate's multi-CPU mode, started by torchrun as
-    `accelerate launch --multi_gpu` starts GPU ranks): same losses as one process accumulating the
-    same micro-batches, so the ranks agree on the reduced loss and gradient; only rank 0 writes."""
+def run_ddp(overrides: list[str], timeout: int = 600):
+    """``asr-lora train`` on the demo recipe with ``overrides`` in 2 gloo processes (torchrun)."""
     import os
     import socket
     import subprocess
     import sys
 
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+         "-m", "asr_lora.cli", "train", str(REPO / "recipes" / "demo" / "whisper-base_lora.yaml"), *overrides,
+         "--no-progress"],
+        capture_output=True, text=True, env=env, timeout=timeout)
+
+
+def test_ddp_rank_with_unreadable_dev_shard_does_not_hang(tiny_whisper, small_data, tmp_path):
+    """3 dev rows over 2 processes: rank 1's only row is corrupt audio. Rank 1 has nothing to score;
+    it must still take part in gathering the results (it used to raise alone: under gloo rank 0's
+    gather failed and the run died; under NCCL rank 0 would wait forever). The eval line scores the
+    2 readable rows and counts the bad one."""
+    train, dev = small_data
+    rows = [json.loads(line) for line in Path(dev).read_text(encoding="utf-8").splitlines()]
+    bad = tmp_path / "corrupt.flac"
+    bad.write_bytes(b"fLaC but not really" * 50)
+    rows[1]["audio"] = str(bad)
+    dev_bad = write_manifest(tmp_path / "dev.jsonl", rows)
+    out = tmp_path / "ddp"
+    proc = run_ddp([f"model.name={tiny_whisper}", "model.gradient_checkpointing=false", "lora.r=4", "lora.alpha=8",
+                    f"data.train={train}", f"data.dev={dev_bad}", "eval.max_new_tokens=3", "train.max_steps=1",
+                    "train.batch_size=2", "train.eval_every=1", "train.save_every=1", f"train.output_dir={out}"],
+                   timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    evals = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"cer"' in line]
+    assert len(evals) == 1 and evals[0]["eval_n"] == 2 and evals[0]["eval_skipped"] == 1
+
+
+def test_ddp_two_cpu_processes_match_accumulation(tiny_whisper, small_data, tmp_path):
+    """DDP with 2 CPU processes (gloo; accelerate's multi-CPU mode, started by torchrun as
+    `accelerate launch --multi_gpu` starts GPU ranks): same losses as one process accumulating the
+    same micro-batches, so the ranks agree on the reduced loss and gradient; only rank 0 writes."""
     train, dev = small_data
     common = [f"model.name={tiny_whisper}", "model.audio_context=full", "model.gradient_checkpointing=false",
               "lora.r=4", "lora.alpha=8",
               "lora.dropout=0.0", f"data.train={train}", f"data.dev={dev}", "train.lr=1e-2",
               "train.warmup_steps=0", "eval.max_new_tokens=3", "train.max_steps=3", "train.batch_size=2",
               "train.eval_every=3", "train.save_every=3"]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     ddp = tmp_path / "ddp"
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-         "-m", "asr_lora.cli", "train", str(REPO / "recipes" / "demo" / "whisper-base_lora.yaml"), *common,
-         f"train.output_dir={ddp}", "--no-progress"],
-        capture_output=True, text=True, env=env, timeout=600)
+    proc = run_ddp([*common, f"train.output_dir={ddp}"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "world size 2" in proc.stderr
     single = tmp_path / "single"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 
@@ -160,6 +160,28 @@ class ManifestEval:
         return out
 
 
+def readable_clips(entries: Iterable, manifest: Path, skipped: list[dict], long_hint: str = "") -> Iterator:
+    """``(id, row, audio)`` for each row of ``entries`` (from ``read_manifest(manifest)``) that reads as at
+    most 30 s of audio; every other row is appended to ``skipped`` as ``{"id", "reason"}``."""
+    from .audio import N_SAMPLES, SAMPLE_RATE, AudioError, load_audio
+    from .data.manifest import BadRow
+
+    for entry in entries:
+        if isinstance(entry, BadRow):
+            skipped.append({"id": f"line {entry.line}", "reason": f"{entry.reason}: {entry.detail}".rstrip(": ")})
+            continue
+        uid = entry.id or f"{manifest.stem}-{entry.line}"
+        try:
+            audio = load_audio(entry.audio, offset=entry.offset, end=entry.end)
+        except AudioError as e:
+            skipped.append({"id": uid, "reason": str(e)})
+            continue
+        if len(audio) > N_SAMPLES:
+            skipped.append({"id": uid, "reason": f"longer than 30 s ({len(audio) / SAMPLE_RATE:.1f} s){long_hint}"})
+            continue
+        yield uid, entry, audio
+
+
 def evaluate_manifest(transcriber, manifest: str | Path, *, batch_size: int = 16, limit: int | None = None,
                       progress: bool = True) -> ManifestEval:
     """Transcribe every row of ``manifest`` in batches with ``transcriber`` (see
@@ -168,8 +190,8 @@ def evaluate_manifest(transcriber, manifest: str | Path, *, batch_size: int = 16
     features + decoding, not audio loading."""
     from tqdm import tqdm
 
-    from .audio import N_SAMPLES, SAMPLE_RATE, AudioError, load_audio
-    from .data.manifest import BadRow, read_manifest
+    from .audio import SAMPLE_RATE
+    from .data.manifest import read_manifest
     from .errors import UserError
 
     manifest = Path(manifest)
@@ -191,20 +213,9 @@ def evaluate_manifest(transcriber, manifest: str | Path, *, batch_size: int = 16
             rows.append({**row, "hyp": hyp, "loop": hypothesis_loops(hyp, row["ref"])})
         pending.clear()
 
-    for entry in tqdm(entries, desc="eval", unit="utt", disable=not progress, leave=False):
-        if isinstance(entry, BadRow):
-            skipped.append({"id": f"line {entry.line}", "reason": f"{entry.reason}: {entry.detail}".rstrip(": ")})
-            continue
-        uid = entry.id or f"{manifest.stem}-{entry.line}"
-        try:
-            audio = load_audio(entry.audio, offset=entry.offset, end=entry.end)
-        except AudioError as e:
-            skipped.append({"id": uid, "reason": str(e)})
-            continue
-        if len(audio) > N_SAMPLES:
-            skipped.append({"id": uid, "reason": f"longer than 30 s ({len(audio) / SAMPLE_RATE:.1f} s); "
-                                                 "eval scores single Whisper windows, use transcribe for long audio"})
-            continue
+    bar = tqdm(entries, desc="eval", unit="utt", disable=not progress, leave=False)
+    for uid, entry, audio in readable_clips(bar, manifest, skipped, long_hint="; eval scores single Whisper "
+                                            "windows, use transcribe for long audio"):
         duration = len(audio) / SAMPLE_RATE
         audio_seconds += duration
         pending.append(({"id": uid, "audio": entry.audio, "duration": round(duration, 3), "ref": entry.text}, audio))

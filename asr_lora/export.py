@@ -30,7 +30,6 @@ from pathlib import Path
 
 import numpy as np
 
-from .audio import N_SAMPLES, SAMPLE_RATE, AudioError, load_audio
 from .backends import SETTINGS_FILE, CT2Transcriber, HFTranscriber, ModelSettings, load_hf, read_settings
 from .errors import UserError
 
@@ -96,25 +95,14 @@ def default_parity_data(folder: Path) -> Path:
 
 def parity_clips(manifest: Path, n: int) -> tuple[list[Clip], list[dict]]:
     """The first ``n`` readable clips (at most 30 s) of ``manifest``, and the rows skipped on the way."""
-    from .data.manifest import BadRow, read_manifest
+    from .data.manifest import read_manifest
+    from .evaluate import readable_clips
 
     clips, skipped = [], []
-    for row in read_manifest(manifest):
+    for uid, row, audio in readable_clips(read_manifest(manifest), manifest, skipped):
+        clips.append(Clip(uid, audio, row.text))
         if len(clips) >= n:
             break
-        if isinstance(row, BadRow):
-            skipped.append({"id": f"line {row.line}", "reason": f"{row.reason}: {row.detail}"})
-            continue
-        uid = row.id or f"{manifest.stem}-{row.line}"
-        try:
-            audio = load_audio(row.audio, offset=row.offset, end=row.end)
-        except AudioError as e:
-            skipped.append({"id": uid, "reason": str(e)})
-            continue
-        if len(audio) > N_SAMPLES:
-            skipped.append({"id": uid, "reason": f"longer than 30 s ({len(audio) / SAMPLE_RATE:.1f} s)"})
-            continue
-        clips.append(Clip(uid, audio, row.text))
     if not clips:
         raise UserError(f"{manifest}: no readable clip for the parity check ({len(skipped)} skipped)")
     return clips, skipped

@@ -62,13 +62,12 @@ def evaluate_rows(model, tokenizer, collator: Callable, rows: Sequence[dict], *,
     model.eval()
     device = device or next(model.parameters()).device
     dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
-    ids, refs, hyps, skipped = [], [], [], []
+    done, hyps, skipped = [], [], []  # done: the row index of each hypothesis
     loss_sum, n_tokens = 0.0, 0
     rows = [dict(r, id=str(r.get("id", i))) for i, r in enumerate(rows)]
     # Batches of similar lengths: trimmed batches pad less, and the decoding cap (from the longest
     # label) fits every row of a batch. Results return in the given order.
     order = sorted(range(len(rows)), key=lambda i: _length_key(rows[i]))
-    done: list[int] = []  # row index of each result
     batches = range(0, len(rows), batch_size)
     for start_i in tqdm(batches, desc="eval", leave=False, disable=not progress):
         chunk = [rows[i] for i in order[start_i:start_i + batch_size]]
@@ -97,14 +96,15 @@ def evaluate_rows(model, tokenizer, collator: Callable, rows: Sequence[dict], *,
             if rows[i]["id"] == want:
                 done.append(i)
                 want = next(read, None)
-        ids.extend(batch["ids"])
-        refs.extend(rows[i]["text"] for i in done[len(refs):])
         hyps.extend(t.strip() for t in texts)
     if was_training:
         model.train()
-    if not ids:
+    if not done:
         raise ValueError(f"nothing to evaluate: all {len(rows)} rows were skipped ({skipped[:3]})")
-    ids, refs, hyps = (list(x) for x in zip(*(t for _, t in sorted(zip(done, zip(ids, refs, hyps))))))
+    in_order = sorted(zip(done, hyps))
+    ids = [rows[i]["id"] for i, _ in in_order]
+    refs = [rows[i]["text"] for i, _ in in_order]
+    hyps = [h for _, h in in_order]
     report = score(refs, hyps, ids=ids)
     return EvalResult(report=report, eval_loss=loss_sum / max(n_tokens, 1), seconds=time.perf_counter() - start,
                       ids=ids, refs=refs, hyps=hyps, skipped=skipped)

@@ -21,6 +21,7 @@ import json
 from pathlib import Path
 from typing import Literal
 
+from .backends import read_settings
 from .bundled import resolve_model
 from .errors import UserError
 from .trimmed import apply_audio_context  # noqa: F401  (re-exported: one switch for every command)
@@ -323,7 +324,5 @@ def load_adapter_model(adapter_dir: str | Path, base: str | None = None, quant: 
     if quant == "none" and device_map is None:
         model = model.to("cuda" if torch.cuda.is_available() else "cpu")
     model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
-    from .backends import read_settings  # asr_lora.json: one reader for every command
-
-    apply_audio_context(model, read_settings(adapter_dir).audio_context)
+    apply_audio_context(model, read_settings(adapter_dir).audio_context)  # asr_lora.json
     return model.eval()

@@ -138,7 +138,7 @@ def pause_points(audio: np.ndarray, sr: int = SAMPLE_RATE) -> list[int]:
     n = len(audio)
     frame = int(ENERGY_FRAME * sr)
     n_frames = n // frame
-    if n <= int(MAX_WINDOW * sr) or n_frames < 2:
+    if n <= int(MAX_WINDOW * sr):
         return [0, n]
     energy = (audio[: n_frames * frame].reshape(n_frames, frame).astype(np.float64) ** 2).mean(axis=1)
     db = 10 * np.log10(np.maximum(energy, 1e-10))

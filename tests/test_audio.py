@@ -275,8 +275,10 @@ def test_empty_audio_raises_audio_error(tmp_path):
     pcm.write_bytes(b"\x01")  # one byte: zero samples
     with pytest.raises(AudioError, match="empty.pcm.*no audio samples"):
         load_audio(pcm)
-    with pytest.raises(AudioError, match="ko_greeting.flac.*no audio samples"):
+    with pytest.raises(AudioError, match=r"ko_greeting.flac.*no audio samples between 60 s and the end \(past the end"):
         load_audio(ASSETS / "ko_greeting.flac", offset=60.0)
+    with pytest.raises(AudioError, match=r"no audio samples between 60 s and 61.5 s"):
+        load_audio(ASSETS / "ko_greeting.flac", offset=60.0, end=61.5)
     silent_wav = tmp_path / "zero_frames.wav"
     sf.write(str(silent_wav), np.zeros(0, np.float32), SAMPLE_RATE)
     with pytest.raises(AudioError, match="zero_frames.wav"):

@@ -12,8 +12,16 @@ import sys
 from pathlib import Path
 
 from . import __version__
-
-DEFAULT_MODEL = "bundled:whisper-base"
+from .defaults import (
+    DEFAULT_MODEL,
+    EVAL_BATCH_SIZE,
+    EVAL_MAX_NEW_TOKENS,
+    PARITY_CLIPS,
+    PARITY_MAX_NEW_TOKENS,
+    TRANSCRIBE_BATCH_SIZE,
+    TRANSCRIBE_MAX_NEW_TOKENS,
+)
+from .sources import add_source_arguments, source_from_args
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
@@ -71,45 +79,41 @@ def _cmd_prepare_manifest(args: argparse.Namespace) -> int:
 
 
 def _cmd_transcribe(args: argparse.Namespace) -> int:
+    from .backends import DecodeOptions
     from .transcribe import transcribe_paths
 
-    failures = transcribe_paths(args.paths, model=args.model, adapter=args.adapter, merged=args.merged, ct2=args.ct2,
-                                language=args.language, fmt=args.format, out=args.out, batch_size=args.batch_size,
-                                max_new_tokens=args.max_new_tokens, progress=not args.no_progress,
-                                split=args.split)
+    options = DecodeOptions(language=args.language, max_new_tokens=args.max_new_tokens)
+    failures = transcribe_paths(args.paths, source_from_args(args), options, fmt=args.format, out=args.out,
+                                batch_size=args.batch_size, progress=not args.no_progress, split=args.split)
     return 1 if failures else 0
 
 
-def _model_source(args: argparse.Namespace) -> dict:
-    """The one model source of eval/transcribe; the bundled base when none is given."""
-    if args.model is None and args.adapter is None and args.merged is None and args.ct2 is None:
-        args.model = DEFAULT_MODEL
-    return {"model": args.model, "adapter": args.adapter, "merged": args.merged, "ct2": args.ct2}
-
-
-def _default_eval_dir(source: dict, manifest: str) -> Path:
+def _default_eval_dir(source, manifest: str) -> Path:
     """``eval-<model>-<manifest stem>`` in the current folder; checkpoints named with their run
     (``eval-demo-best-dev``), the bundled base by its name (``eval-whisper-base-dev``)."""
-    kind, value = next((k, v) for k, v in source.items() if v is not None)
-    path = Path(str(value).split(":", 1)[-1] if str(value).startswith("bundled:") else str(value))
+    path = Path(source.path.split(":", 1)[-1] if source.path.startswith("bundled:") else source.path)
     name = path.name or "model"
-    if kind in ("adapter", "merged", "ct2") and (name in ("best", "final") or name.startswith("step-")):
+    if source.kind != "model" and (name in ("best", "final") or name.startswith("step-")):
         name = f"{path.resolve().parent.name}-{name}"
     return Path(f"eval-{name}-{Path(manifest).stem}")
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from .backends import load_transcriber
+    from .backends import DecodeOptions
     from .evaluate import evaluate_manifest, write_eval_outputs
+    from .sources import load_transcriber
 
-    source = _model_source(args)
+    source = source_from_args(args)
     out = Path(args.out) if args.out else _default_eval_dir(source, args.data)
-    transcriber = load_transcriber(**source, language=args.language, max_new_tokens=args.max_new_tokens)
+    options = DecodeOptions(language=args.language, max_new_tokens=args.max_new_tokens, num_beams=args.num_beams,
+                            bound_by_reference=not args.no_reference_bound)
+    transcriber = load_transcriber(source, options)
     result = evaluate_manifest(transcriber, args.data, batch_size=args.batch_size, limit=args.limit,
                                progress=not args.no_progress)
     meta = {"model": transcriber.description, "manifest": str(Path(args.data).resolve()),
-            "language": transcriber.settings.language, "audio_context": transcriber.settings.audio_context,
-            "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens}
+            "language": transcriber.language, "audio_context": transcriber.settings.audio_context,
+            "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens, "num_beams": args.num_beams,
+            "bound_by_reference": options.bound_by_reference}
     write_eval_outputs(result, out, meta)
     s = result.summary()
     for uid_reason in result.skipped:
@@ -258,15 +262,16 @@ def build_parser() -> argparse.ArgumentParser:
                        "each input gets OUT/<stem>.<format> (tsv: one OUT/transcripts.tsv). Unreadable "
                        "inputs are reported and skipped; the exit status is 1 if any failed.")
     p.add_argument("paths", nargs="+", metavar="PATH", help="audio files, folders or .jsonl manifests")
-    _add_model_source(p)
+    add_source_arguments(p)
     p.add_argument("--language", default=None,
                    help="forced language token (default: the checkpoint's recorded language, else ko)")
     p.add_argument("--format", choices=["txt", "srt", "vtt", "json", "tsv"], default="txt",
                    help="output format (default: %(default)s)")
     p.add_argument("--out", default=None, help="output folder (default: print to stdout)")
-    p.add_argument("--batch-size", type=int, default=8, help="30 s windows per batch (default: %(default)s)")
-    p.add_argument("--max-new-tokens", type=int, default=224,
-                   help="generation cap per window (default: %(default)s, half Whisper's 448 positions)")
+    p.add_argument("--batch-size", type=int, default=TRANSCRIBE_BATCH_SIZE,
+                   help="pieces (up to 30 s each) per batch (default: %(default)s)")
+    p.add_argument("--max-new-tokens", type=int, default=TRANSCRIBE_MAX_NEW_TOKENS,
+                   help="generation cap per piece (default: %(default)s, half Whisper's 448 positions)")
     p.add_argument("--split", choices=["auto", "pauses", "windows"], default="auto",
                    help="how audio over 30 s is cut: 'pauses' at every pause of 0.4 s or more (pieces of 2-30 "
                    "s, utterance-sized cues), 'windows' into 25-30 s windows at the quietest 200 ms (fewest "
@@ -282,13 +287,19 @@ def build_parser() -> argparse.ArgumentParser:
                        "audio_seconds, rtf, skipped), OUT/utterances.jsonl and OUT/summary.md (with the 10 "
                        "worst utterances). Unreadable rows are reported and skipped.")
     p.add_argument("--data", required=True, metavar="MANIFEST", help="JSONL manifest with references")
-    _add_model_source(p)
+    add_source_arguments(p)
     p.add_argument("--out", default=None,
                    help="output folder (default: ./eval-<model>-<manifest stem>, e.g. eval-demo-best-dev)")
-    p.add_argument("--batch-size", type=int, default=16, help="clips per batch (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=EVAL_BATCH_SIZE,
+                   help="clips per batch, batched by length (default: %(default)s, as in training)")
     p.add_argument("--language", default=None,
                    help="forced language token (default: the checkpoint's recorded language, else ko)")
-    p.add_argument("--max-new-tokens", type=int, default=224, help="generation cap (default: %(default)s)")
+    p.add_argument("--max-new-tokens", type=int, default=EVAL_MAX_NEW_TOKENS,
+                   help="generation cap (default: %(default)s, as in training's dev evaluation)")
+    p.add_argument("--num-beams", type=int, default=1, help="beam size (default: %(default)s, greedy)")
+    p.add_argument("--no-reference-bound", action="store_true",
+                   help="do not cap each batch at 2 x its longest reference + 8 tokens (training's dev "
+                   "evaluation does, so by default the two give the same transcripts)")
     p.add_argument("--limit", type=int, default=None, help="score only the first N rows")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_eval)
@@ -325,21 +336,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_model_source(p: argparse.ArgumentParser) -> None:
-    group = p.add_mutually_exclusive_group()
-    group.add_argument("--model", default=None, help=f"base model name or folder (default: {DEFAULT_MODEL})")
-    group.add_argument("--adapter", default=None, metavar="DIR", help="LoRA checkpoint folder (no merge needed)")
-    group.add_argument("--merged", default=None, metavar="DIR", help="folder written by 'asr-lora merge'")
-    group.add_argument("--ct2", default=None, metavar="DIR", help="folder written by 'asr-lora export-ct2'")
-
-
 def _add_parity_options(p: argparse.ArgumentParser, tolerance_help: str) -> None:
     p.add_argument("--data", default=None, metavar="MANIFEST",
                    help="dev clips for the parity check (default: data.dev of the run's recipe.yaml, else "
                    "data/demo/dev.jsonl)")
-    p.add_argument("--n-clips", type=int, default=32,  # = export.PARITY_CLIPS (not imported: --help stays fast)
+    p.add_argument("--n-clips", type=int, default=PARITY_CLIPS,
                    help="clips in the parity check (default: %(default)s; fewer make an int8 CER noisy)")
-    p.add_argument("--max-new-tokens", type=int, default=128, help="generation cap in the check (default: %(default)s)")
+    p.add_argument("--max-new-tokens", type=int, default=PARITY_MAX_NEW_TOKENS,
+                   help="generation cap in the check (default: %(default)s)")
     p.add_argument("--tolerance", type=float, default=None, help=tolerance_help)
 
 

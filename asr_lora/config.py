@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 import types
 import typing
 from dataclasses import dataclass, field, fields, is_dataclass
@@ -17,9 +18,11 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 
 import yaml
 
+from .defaults import DEFAULT_LANGUAGE, DEFAULT_MODEL, EVAL_BATCH_SIZE, EVAL_MAX_NEW_TOKENS
 from .errors import UserError
 
 T = TypeVar("T")
+TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
 
 
 class ConfigError(UserError, ValueError):
@@ -39,9 +42,9 @@ def doc(default: Any = dataclasses.MISSING, help: str = "", **kwargs) -> Any:
 
 @dataclass
 class ModelConfig:
-    name: str = doc("bundled:whisper-base", "base model: bundled:whisper-base, a local HF folder or a hub id")
+    name: str = doc(DEFAULT_MODEL, "base model: bundled:whisper-base, a local HF folder or a hub id")
     quant: Literal["none", "8bit", "4bit"] = doc("none", "load the frozen base in bitsandbytes 8-bit or 4-bit (nf4)")
-    language: str = doc("ko", "language token forced in labels and generation (always force it for Korean)")
+    language: str = doc(DEFAULT_LANGUAGE, "language token forced in labels and generation (always force it for Korean)")
     task: Literal["transcribe", "translate"] = doc("transcribe", "Whisper task token")
     gradient_checkpointing: bool = doc(True, "trade compute for memory (non-reentrant)")
     audio_context: Literal["full", "trimmed"] = doc(
@@ -99,6 +102,9 @@ class TrainConfig:
     early_stopping_patience: int = doc(0, "stop after N evals without CER improvement (0: off)")
     max_bad_steps: int = doc(5, "stop after this many non-finite losses in a row")
     max_bad_rows: int = doc(100, "stop when more rows than this turn out unreadable during training")
+    report_to: list[Literal["tensorboard", "wandb", "mlflow", "none"]] = doc(
+        ["tensorboard"], "trackers (accelerate) for training loss, lr, step time, tokens/s and every dev metric: "
+        "tensorboard (in <output_dir>/tb), wandb, mlflow, or none")
 
     def __post_init__(self):
         for name in ("max_steps", "batch_size", "grad_accum", "eval_every", "save_every"):
@@ -106,13 +112,18 @@ class TrainConfig:
                 raise ConfigError(f"train.{name} must be positive, got {getattr(self, name)}")
         if self.lr <= 0:
             raise ConfigError(f"train.lr must be positive, got {self.lr}")
+        for tracker in self.report_to:
+            if tracker != "none" and importlib.util.find_spec(TRACKER_PACKAGES[tracker]) is None:
+                raise ConfigError(f"train.report_to={tracker} needs the {TRACKER_PACKAGES[tracker]!r} package "
+                                  f"(pip install {TRACKER_PACKAGES[tracker]}), or train.report_to=none")
 
 
 @dataclass
 class EvalConfig:
-    batch_size: int = doc(16, "utterances per generation batch")
+    batch_size: int = doc(EVAL_BATCH_SIZE, "utterances per generation batch")
     max_samples: int | None = doc(None, "score a fixed subset of the dev set (None: all)")
-    max_new_tokens: int = doc(128, "generation cap (8-bit greedy decoding can loop)")
+    max_new_tokens: int = doc(EVAL_MAX_NEW_TOKENS, "generation cap, also bounded per batch by 2 x the longest "
+                              "reference + 8 tokens (untuned and 8-bit greedy decoding can loop)")
     num_beams: int = doc(1, "beam size (1: greedy)")
 
 
@@ -141,14 +152,13 @@ def _coerce(value: Any, tp, where: str) -> Any:
         args = get_args(tp)
         if value is None and type(None) in args:
             return None
-        errors = []
         for arg in args:
             if arg is type(None):
                 continue
             try:
                 return _coerce(value, arg, where)
-            except ConfigError as e:
-                errors.append(str(e))
+            except ConfigError:
+                pass
         raise ConfigError(f"{where}: {value!r} is not {_type_name(tp)}")
     if origin is Literal:
         if isinstance(value, bool):  # YAML 1.1 reads an unquoted no/off/yes/on as a bool
@@ -159,6 +169,8 @@ def _coerce(value: Any, tp, where: str) -> Any:
             raise ConfigError(f"{where}: {value!r} is not one of {choices}")
         return value
     if origin is list:
+        if isinstance(value, str):  # one item: `train.report_to=none`
+            value = [value]
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
         (item,) = get_args(tp) or (Any,)

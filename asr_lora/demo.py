@@ -6,33 +6,29 @@ of an hour, end to end, and prints what a user would want to see.
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
+from .atomic import write_json_atomic
+from .backends import DecodeOptions
 from .config import load_recipe
+from .data.manifest import read_rows
+from .evaluate import EvalResult, evaluate_rows
+from .sources import ModelSource, load_transcriber
+from .train import run_training
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_RECIPE = REPO / "recipes" / "demo" / "whisper-base_lora.yaml"
 
 
-def _score(model, tokenizer, collator, rows, cfg):
-    from .evaluate import evaluate_rows
-
-    return evaluate_rows(model, tokenizer, collator, rows, batch_size=cfg.eval.batch_size,
-                         language=cfg.model.language, task=cfg.model.task,
-                         max_new_tokens=cfg.eval.max_new_tokens, progress=True)
+def _score(source: ModelSource, rows, cfg) -> EvalResult:
+    """The test rows decoded as training's dev evaluation decodes (same options and batches)."""
+    options = DecodeOptions(language=cfg.model.language, task=cfg.model.task, max_new_tokens=cfg.eval.max_new_tokens,
+                            num_beams=cfg.eval.num_beams, bound_by_reference=True)
+    return evaluate_rows(load_transcriber(source, options), rows, batch_size=cfg.eval.batch_size, progress=True)
 
 
 def run_demo(output_dir: str | None = None, overrides: list[str] = (), recipe: Path = DEMO_RECIPE) -> dict:
-    from transformers import WhisperProcessor
-
-    from .bundled import resolve_model
-    from .data.collator import WhisperCollator
-    from .model import load_adapter_model, load_model
-    from .train import read_rows, run_training
-    from .trimmed import COLLATOR_PADDING, audio_context_of
-
     overrides = list(overrides) + ([f"train.output_dir={output_dir}"] if output_dir else [])
     cfg = load_recipe(recipe, overrides)
     for split in ("train", "dev", "test"):  # the demo corpus ships with the repository, wherever we run from
@@ -40,16 +36,12 @@ def run_demo(output_dir: str | None = None, overrides: list[str] = (), recipe: P
         if path and not Path(path).is_absolute() and not Path(path).exists() and (REPO / path).exists():
             setattr(cfg.data, split, str(REPO / path))
     out = Path(cfg.train.output_dir)
-    test_rows = read_rows(cfg.data.test)
-    processor = WhisperProcessor.from_pretrained(resolve_model(cfg.model.name))
-    def collator_for(mode: str) -> WhisperCollator:
-        return WhisperCollator(processor.tokenizer, n_mels=processor.feature_extractor.feature_size,
-                               padding=COLLATOR_PADDING[mode], language=cfg.model.language, task=cfg.model.task)
+    test_rows, _ = read_rows(cfg.data.test)
 
     t0 = time.perf_counter()
     print(f"[1/4] zero-shot: scoring {cfg.model.name} on {len(test_rows)} test clips ({cfg.data.test})", flush=True)
     # the untuned base is scored in its native 30 s context: trimmed input breaks it until LoRA adapts it
-    base = _score(load_model(cfg.model.name), processor.tokenizer, collator_for("full"), test_rows, cfg)
+    base = _score(ModelSource("model", cfg.model.name), test_rows, cfg)
     print(f"      zero-shot test CER {base.report.cer:.4f} (CER without spaces {base.report.cer_nospace:.4f})", flush=True)
 
     print(f"[2/4] training LoRA: {cfg.train.max_steps} steps, batch {cfg.train.batch_size}, "
@@ -57,11 +49,8 @@ def run_demo(output_dir: str | None = None, overrides: list[str] = (), recipe: P
     trainer = run_training(cfg)
     evals = trainer.eval_records()
 
-    best_dir = out / "best"
     print(f"[3/4] scoring the best checkpoint (step {trainer.state.best_step}) on the test clips", flush=True)
-    tuned_model = load_adapter_model(best_dir)
-    tuned = _score(tuned_model, processor.tokenizer, collator_for(audio_context_of(tuned_model)), test_rows, cfg)
-
+    tuned = _score(ModelSource("adapter", str(out / "best")), test_rows, cfg)
     print("[4/4] two test clips transcribed with the best checkpoint:", flush=True)
     examples = []
     for ref, hyp, uid in list(zip(tuned.refs, tuned.hyps, tuned.ids))[:2]:
@@ -78,7 +67,7 @@ def run_demo(output_dir: str | None = None, overrides: list[str] = (), recipe: P
                "best_test_cer": tuned.report.cer, "best_test_cer_nospace": tuned.report.cer_nospace,
                "dev_cer_by_step": {m["step"]: m["cer"] for m in evals}, "examples": examples,
                "minutes": round(minutes, 1), "output_dir": str(out)}
-    (out / "demo_summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False))
+    write_json_atomic(out / "demo_summary.json", summary)
     print(f"\ntest CER: zero-shot {base.report.cer:.4f} -> best checkpoint {tuned.report.cer:.4f} "
           f"(step {trainer.state.best_step}); {minutes:.1f} min; summary in {out / 'demo_summary.json'}")
     return summary

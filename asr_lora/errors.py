@@ -11,3 +11,7 @@ class UserError(Exception):
 
 class DataError(UserError, FileNotFoundError):
     """A corpus or manifest is missing or is not what it claims to be."""
+
+
+class TrainingError(UserError):
+    """Training cannot go on (non-finite losses, too many bad rows, a failed checkpoint write)."""

@@ -1,120 +1,163 @@
-"""Batched greedy decoding -> metrics report. Used by training (CER every N steps) and `asr-lora eval`."""
+"""Scoring: decode manifest rows in batches through a transcriber, score them with the Korean metrics.
+
+One function, :func:`evaluate_rows`, serves in-training evaluation (with the teacher-forced dev loss
+through a callback) and ``asr-lora eval``: the same transcriber decode path, batches of similar
+length, the same decoding options, so the two agree on the same rows.
+"""
 
 from __future__ import annotations
 
+import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Callable, Sequence
 
-import torch
-
+from .data.manifest import ManifestRow, length_hint, load_row_audio, read_rows
+from .errors import UserError
 from .metrics import Report, score
+
+SUMMARY_KEYS = ("n", "cer", "cer_nospace", "wer", "swer", "insertion_rate", "loop_fraction", "length_ratio",
+                "decode_seconds", "audio_seconds", "rtf", "skipped")
+WORST_SHOWN = 10
+UTTERANCES_FILE = "utterances.jsonl"
+LONG_HINT = "; eval scores single Whisper windows, use transcribe for long audio"
+
+
+class NothingToEvaluate(UserError, ValueError):
+    """Every row was skipped (unreadable, too long, malformed)."""
 
 
 @dataclass
 class EvalResult:
-    """Scores of one evaluation pass."""
+    """Transcripts and scores of one evaluation pass, in the rows' order."""
 
     report: Report
-    eval_loss: float
-    seconds: float
-    ids: list[str]
-    refs: list[str]
-    hyps: list[str]
-    skipped: list[tuple[str, str]]
+    utterances_in: list[dict]  # per scored row: id, audio, offset, end, duration, ref, hyp
+    skipped: list[dict]  # {"id", "reason"}
+    decode_seconds: float = 0.0  # features + decoding (+ the loss pass), not audio loading
+    audio_seconds: float = 0.0
+    seconds: float = 0.0  # the whole pass
+    eval_loss: float | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def ids(self) -> list[str]:
+        return [u["id"] for u in self.utterances_in]
+
+    @property
+    def refs(self) -> list[str]:
+        return [u["ref"] for u in self.utterances_in]
+
+    @property
+    def hyps(self) -> list[str]:
+        return [u["hyp"] for u in self.utterances_in]
 
     def metrics(self) -> dict:
-        """The keys written to metrics.jsonl."""
+        """The keys of an evaluation record in metrics.jsonl."""
         r = self.report
         return {"cer": r.cer, "cer_nospace": r.cer_nospace, "wer": r.wer, "swer": r.swer,
                 "eval_loss": self.eval_loss, "eval_seconds": round(self.seconds, 3), "eval_n": r.n,
                 "eval_skipped": len(self.skipped)}
 
+    def summary(self) -> dict:
+        """``asr-lora eval``'s summary.json keys."""
+        r = self.report
+        loops = sum(hypothesis_loops(u["hyp"], u["ref"]) for u in self.utterances_in)
+        return {"n": r.n, "cer": r.cer, "cer_nospace": r.cer_nospace, "wer": r.wer, "swer": r.swer,
+                "insertion_rate": r.insertion_rate, "loop_fraction": loops / max(r.n, 1),
+                "length_ratio": r.length_ratio, "decode_seconds": round(self.decode_seconds, 3),
+                "audio_seconds": round(self.audio_seconds, 3),
+                "rtf": self.decode_seconds / self.audio_seconds if self.audio_seconds else None,
+                "skipped": len(self.skipped), "skipped_rows": self.skipped, "n_loops": loops}
 
-def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Summed cross-entropy over label tokens (-100 ignored) and the number of tokens counted."""
-    loss = torch.nn.functional.cross_entropy(
-        logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="sum"
-    )
-    return loss, int((labels != -100).sum())
+    def utterances(self) -> list[dict]:
+        """utterances.jsonl lines: the row, its character errors and rates, the loop flag."""
+        out = []
+        for u, s in zip(self.utterances_in, self.report.utterances):
+            line = {"id": u["id"], "audio": u["audio"], "duration": u["duration"]}
+            line.update({k: u[k] for k in ("offset", "end") if u.get(k) is not None})
+            line.update({"ref": u["ref"], "hyp": u["hyp"], "errors": s["char_errors"], "ref_chars": s["ref_chars"],
+                         "cer": s["cer"], "cer_nospace": s["cer_nospace"], "wer": s["wer"],
+                         "loop": hypothesis_loops(u["hyp"], u["ref"])})
+            out.append(line)
+        return out
 
 
-def _length_key(row: dict) -> float:
-    """Sort key for batching: the segment or clip duration when the manifest gives it, else the text length
-    (a duration proxy at about 0.2 s per character)."""
-    if row.get("end") is not None and row.get("offset") is not None:
-        return float(row["end"]) - float(row["offset"])
-    if row.get("duration"):
-        return float(row["duration"])
-    return 0.2 * len(row.get("text") or "")
+def scored(utterances: list[dict], skipped: list[dict], **kwargs) -> EvalResult:
+    """An :class:`EvalResult` of already decoded utterances (e.g. gathered from several processes)."""
+    if not utterances:
+        first = f" (first: {skipped[0]['id']}: {skipped[0]['reason']})" if skipped else ""
+        raise NothingToEvaluate(f"nothing to evaluate: all {len(skipped)} rows were skipped{first}")
+    report = score([u["ref"] for u in utterances], [u["hyp"] for u in utterances], ids=[u["id"] for u in utterances])
+    return EvalResult(report=report, utterances_in=utterances, skipped=skipped, **kwargs)
 
 
-@torch.no_grad()
-def evaluate_rows(model, tokenizer, collator: Callable, rows: Sequence[dict], *, batch_size: int = 16,
-                  language: str = "ko", task: str = "transcribe", max_new_tokens: int = 128,
-                  num_beams: int = 1, device=None, progress: bool = False) -> EvalResult:
-    """Teacher-forced loss and greedy transcripts for ``rows``, scored with the Korean metrics."""
+def evaluate_rows(transcriber, rows: Sequence[ManifestRow], *, batch_size: int = 16,
+                  loss: Callable | None = None, before_batch: Callable[[int], None] | None = None,
+                  progress: bool = False) -> EvalResult:
+    """Decode ``rows`` (ids filled in) with ``transcriber`` and score them.
+
+    Rows are batched by length (trimmed batches pad less, and a reference-bounded cap fits every row
+    of a batch); results come back in the given order. Unreadable rows and clips over 30 s are
+    skipped with a reason. ``loss(encoder_outputs, texts) -> (loss_sum, n_tokens)`` adds the
+    teacher-forced loss on the same encoder pass (HF transcribers). ``before_batch(i)`` is called
+    before batch ``i``.
+    """
     from tqdm import tqdm
 
+    from .audio import SAMPLE_RATE, AudioError
+
     start = time.perf_counter()
-    was_training = model.training
-    model.eval()
-    device = device or next(model.parameters()).device
-    dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
-    done, hyps, skipped = [], [], []  # done: the row index of each hypothesis
-    loss_sum, n_tokens = 0.0, 0
-    rows = [dict(r, id=str(r.get("id", i))) for i, r in enumerate(rows)]
-    # Batches of similar lengths: trimmed batches pad less, and the decoding cap (from the longest
-    # label) fits every row of a batch. Results return in the given order.
-    order = sorted(range(len(rows)), key=lambda i: _length_key(rows[i]))
-    batches = range(0, len(rows), batch_size)
-    for start_i in tqdm(batches, desc="eval", leave=False, disable=not progress):
-        chunk = [rows[i] for i in order[start_i:start_i + batch_size]]
-        batch = collator(chunk)
-        skipped.extend(batch["skipped"])
-        if not batch["ids"]:
-            continue
-        features = batch["input_features"].to(device=device, dtype=dtype if dtype != torch.float32 else None)
-        labels = batch["labels"].to(device)
-        # one encoder pass serves both the teacher-forced loss and generation
-        encoded = model.get_encoder()(features)
-        out = model(encoder_outputs=encoded, labels=labels, use_cache=False)
-        batch_loss, batch_tokens = token_loss_sum(out.logits, labels)
-        loss_sum += float(batch_loss)
-        n_tokens += batch_tokens
-        # bound decoding by the references: a hypothesis twice as long as its reference is already
-        # all errors, and the bound stops untuned or 8-bit models from looping to the cap
-        longest = int((labels != -100).sum(dim=1).max())
-        cap = min(max_new_tokens, 2 * longest + 8)
-        generated = model.generate(encoder_outputs=encoded, language=language, task=task,
-                                   max_new_tokens=cap, num_beams=num_beams, use_cache=True)
-        texts = tokenizer.batch_decode(generated, skip_special_tokens=True)
-        read = iter(batch["ids"])  # the collator keeps the chunk's order, leaving out what it skipped
-        want = next(read, None)
-        for i in order[start_i:start_i + batch_size]:
-            if rows[i]["id"] == want:
-                done.append(i)
-                want = next(read, None)
-        hyps.extend(t.strip() for t in texts)
+    model = getattr(transcriber, "model", None)
+    was_training = bool(getattr(model, "training", False))
     if was_training:
-        model.train()
-    if not done:
-        raise ValueError(f"nothing to evaluate: all {len(rows)} rows were skipped ({skipped[:3]})")
-    in_order = sorted(zip(done, hyps))
-    ids = [rows[i]["id"] for i, _ in in_order]
-    refs = [rows[i]["text"] for i, _ in in_order]
-    hyps = [h for _, h in in_order]
-    report = score(refs, hyps, ids=ids)
-    return EvalResult(report=report, eval_loss=loss_sum / max(n_tokens, 1), seconds=time.perf_counter() - start,
-                      ids=ids, refs=refs, hyps=hyps, skipped=skipped)
+        model.eval()
+    done: list[tuple[int, dict]] = []
+    skipped: list[dict] = []
+    loss_sum, n_tokens = 0.0, 0
+    decode_seconds = audio_seconds = 0.0
+    order = sorted(range(len(rows)), key=lambda i: length_hint(rows[i]))
+    try:
+        for k, first in enumerate(tqdm(range(0, len(rows), batch_size), desc="eval", leave=False,
+                                       disable=not progress)):
+            if before_batch is not None:
+                before_batch(k)
+            batch, audios = [], []
+            for i in order[first:first + batch_size]:
+                try:
+                    audios.append(load_row_audio(rows[i], max_seconds=30.0))
+                except AudioError as e:
+                    hint = LONG_HINT if "longer than" in (e.reason or "") else ""
+                    skipped.append({"id": rows[i].id, "reason": str(e) + hint})
+                    continue
+                batch.append(i)
+            if not batch:
+                continue
+            texts = [rows[i].text for i in batch]
+            t0 = time.perf_counter()
+            losses = []
+            on_encoded = (lambda encoded: losses.append(loss(encoded, texts))) if loss is not None else None
+            hyps = transcriber.decode(audios, references=texts, on_encoded=on_encoded)
+            decode_seconds += time.perf_counter() - t0
+            for (batch_loss, batch_tokens) in losses:
+                loss_sum += float(batch_loss)
+                n_tokens += batch_tokens
+            for i, audio, hyp in zip(batch, audios, hyps):
+                duration = len(audio) / SAMPLE_RATE
+                audio_seconds += duration
+                row = rows[i]
+                done.append((i, {"id": row.id, "audio": row.audio, "offset": row.offset, "end": row.end,
+                                 "duration": round(duration, 3), "ref": row.text, "hyp": hyp}))
+    finally:
+        if was_training:
+            model.train()
+    utterances = [u for _, u in sorted(done, key=lambda x: x[0])]
+    return scored(utterances, skipped, decode_seconds=decode_seconds, audio_seconds=audio_seconds,
+                  seconds=time.perf_counter() - start, eval_loss=loss_sum / n_tokens if loss and n_tokens else None)
 
 
 # --------------------------------------------------------------------------- `asr-lora eval`
-
-SUMMARY_KEYS = ("n", "cer", "cer_nospace", "wer", "swer", "insertion_rate", "loop_fraction", "length_ratio",
-                "decode_seconds", "audio_seconds", "rtf", "skipped")
-WORST_SHOWN = 10
 
 
 def hypothesis_loops(hyp: str, ref: str = "") -> bool:
@@ -129,105 +172,30 @@ def hypothesis_loops(hyp: str, ref: str = "") -> bool:
     return loops(hyp) and not loops(ref)
 
 
-@dataclass
-class ManifestEval:
-    """Transcripts and scores of one manifest, with timing and the rows that could not be scored."""
-
-    report: Report
-    rows: list[dict]  # per utterance: id, audio, duration, ref, hyp, loop
-    decode_seconds: float
-    audio_seconds: float
-    skipped: list[dict]  # {"id", "reason"}
-
-    def summary(self) -> dict:
-        r = self.report
-        loops = sum(row["loop"] for row in self.rows)
-        return {"n": r.n, "cer": r.cer, "cer_nospace": r.cer_nospace, "wer": r.wer, "swer": r.swer,
-                "insertion_rate": r.insertion_rate, "loop_fraction": loops / max(r.n, 1),
-                "length_ratio": r.length_ratio, "decode_seconds": round(self.decode_seconds, 3),
-                "audio_seconds": round(self.audio_seconds, 3),
-                "rtf": self.decode_seconds / self.audio_seconds if self.audio_seconds else None,
-                "skipped": len(self.skipped), "skipped_rows": self.skipped, "n_loops": loops}
-
-    def utterances(self) -> list[dict]:
-        """utterances.jsonl lines: the row, its character errors and rates, the loop flag."""
-        out = []
-        for row, u in zip(self.rows, self.report.utterances):
-            out.append({"id": row["id"], "audio": row["audio"], "duration": row["duration"],
-                        "ref": row["ref"], "hyp": row["hyp"], "errors": u["char_errors"],
-                        "ref_chars": u["ref_chars"], "cer": u["cer"], "cer_nospace": u["cer_nospace"],
-                        "wer": u["wer"], "loop": row["loop"]})
-        return out
-
-
-def readable_clips(entries: Iterable, manifest: Path, skipped: list[dict], long_hint: str = "") -> Iterator:
-    """``(id, row, audio)`` for each row of ``entries`` (from ``read_manifest(manifest)``) that reads as at
-    most 30 s of audio; every other row is appended to ``skipped`` as ``{"id", "reason"}``."""
-    from .audio import N_SAMPLES, SAMPLE_RATE, AudioError, load_audio
-    from .data.manifest import BadRow
-
-    for entry in entries:
-        if isinstance(entry, BadRow):
-            skipped.append({"id": f"line {entry.line}", "reason": f"{entry.reason}: {entry.detail}".rstrip(": ")})
-            continue
-        uid = entry.id or f"{manifest.stem}-{entry.line}"
-        try:
-            audio = load_audio(entry.audio, offset=entry.offset, end=entry.end)
-        except AudioError as e:
-            skipped.append({"id": uid, "reason": str(e)})
-            continue
-        if len(audio) > N_SAMPLES:
-            skipped.append({"id": uid, "reason": f"longer than 30 s ({len(audio) / SAMPLE_RATE:.1f} s){long_hint}"})
-            continue
-        yield uid, entry, audio
-
-
 def evaluate_manifest(transcriber, manifest: str | Path, *, batch_size: int = 16, limit: int | None = None,
-                      progress: bool = True) -> ManifestEval:
+                      progress: bool = True) -> EvalResult:
     """Transcribe every row of ``manifest`` in batches with ``transcriber`` (see
-    :func:`asr_lora.backends.load_transcriber`) and score it. Malformed rows, unreadable audio and
-    clips longer than 30 s are skipped with a reason, never fatal. ``decode_seconds`` counts
-    features + decoding, not audio loading."""
-    from tqdm import tqdm
-
-    from .audio import SAMPLE_RATE
-    from .data.manifest import read_manifest
-    from .errors import UserError
-
+    :func:`asr_lora.sources.load_transcriber`) and score it. Malformed rows, unreadable audio and
+    clips longer than 30 s are skipped with a reason, never fatal."""
     manifest = Path(manifest)
-    entries = list(read_manifest(manifest))
+    rows, bad = read_rows(manifest, strict=False)
     if limit:
-        entries = entries[:limit]
-    rows, skipped = [], []
-    decode_seconds = audio_seconds = 0.0
-    pending: list[tuple[dict, object]] = []
+        rows = rows[:limit]
+    skipped = [{"id": f"line {b.line}", "reason": f"{b.reason}: {b.detail}".rstrip(": ")} for b in bad]
+    try:
+        result = evaluate_rows(transcriber, rows, batch_size=batch_size, progress=progress)
+    except NothingToEvaluate as e:
+        raise NothingToEvaluate(f"{manifest}: {e}" if rows else f"{manifest}: no rows") from None
+    result.skipped = skipped + result.skipped
+    return result
 
-    def flush() -> None:
-        nonlocal decode_seconds
-        if not pending:
-            return
-        start = time.perf_counter()
-        hyps = transcriber.transcribe_batch([audio for _, audio in pending])
-        decode_seconds += time.perf_counter() - start
-        for (row, _), hyp in zip(pending, hyps):
-            rows.append({**row, "hyp": hyp, "loop": hypothesis_loops(hyp, row["ref"])})
-        pending.clear()
 
-    bar = tqdm(entries, desc="eval", unit="utt", disable=not progress, leave=False)
-    for uid, entry, audio in readable_clips(bar, manifest, skipped, long_hint="; eval scores single Whisper "
-                                            "windows, use transcribe for long audio"):
-        duration = len(audio) / SAMPLE_RATE
-        audio_seconds += duration
-        pending.append(({"id": uid, "audio": entry.audio, "duration": round(duration, 3), "ref": entry.text}, audio))
-        if len(pending) >= batch_size:
-            flush()
-    flush()
-    if not rows:
-        raise UserError(f"{manifest}: nothing to evaluate, all {len(entries)} rows skipped "
-                        f"(first: {skipped[0]['id']}: {skipped[0]['reason']})" if skipped else f"{manifest}: no rows")
-    report = score([r["ref"] for r in rows], [r["hyp"] for r in rows], ids=[r["id"] for r in rows])
-    return ManifestEval(report=report, rows=rows, decode_seconds=decode_seconds, audio_seconds=audio_seconds,
-                        skipped=skipped)
+def write_utterances(path: Path, result: EvalResult) -> None:
+    from .atomic import atomic_file
+
+    with atomic_file(path) as fh:
+        for u in result.utterances():
+            fh.write(json.dumps(u, ensure_ascii=False) + "\n")
 
 
 def _md_cell(text: str, width: int = 120) -> str:
@@ -235,7 +203,7 @@ def _md_cell(text: str, width: int = 120) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
-def summary_markdown(result: ManifestEval, meta: dict) -> str:
+def summary_markdown(result: EvalResult, meta: dict) -> str:
     """summary.md: the metrics table, the worst utterances by character errors, the skipped rows."""
     s = result.summary()
     pct = lambda x: f"{100 * x:.2f}%"  # noqa: E731
@@ -262,16 +230,13 @@ def summary_markdown(result: ManifestEval, meta: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_eval_outputs(result: ManifestEval, out: str | Path, meta: dict) -> Path:
+def write_eval_outputs(result: EvalResult, out: str | Path, meta: dict) -> Path:
     """``out/summary.json``, ``out/utterances.jsonl`` and ``out/summary.md``; returns ``out``."""
-    import json
+    from .atomic import write_json_atomic, write_text_atomic
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    summary = {**result.summary(), **meta}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    with open(out / "utterances.jsonl", "w", encoding="utf-8") as fh:
-        for u in result.utterances():
-            fh.write(json.dumps(u, ensure_ascii=False) + "\n")
-    (out / "summary.md").write_text(summary_markdown(result, meta), encoding="utf-8")
+    write_json_atomic(out / "summary.json", {**result.summary(), **meta})
+    write_utterances(out / UTTERANCES_FILE, result)
+    write_text_atomic(out / "summary.md", summary_markdown(result, meta))
     return out

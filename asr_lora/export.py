@@ -20,27 +20,26 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
-import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .backends import SETTINGS_FILE, CT2Transcriber, HFTranscriber, ModelSettings, load_hf, read_settings
+from .atomic import finish_or_failed, staged_folder
+from .backends import CT2Transcriber, DecodeOptions, HFTranscriber
+from .defaults import PARITY_CLIPS, PARITY_MAX_NEW_TOKENS
 from .errors import UserError
+from .settings import ModelSettings, read_settings, write_settings
+from .sources import ModelSource, load_hf
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_DEV = REPO / "data" / "demo" / "dev.jsonl"
 MERGE_REPORT = "merge_report.json"
 EXPORT_REPORT = "export_report.json"
-# 8 clips proved too few for int8: on the demo run's merged model, 8 dev clips gave a CER increase of
-# +0.021 where all 50 gave +0.0012 (one changed word moves 8 short clips' CER by ~0.01).
-PARITY_CLIPS = 32
-PARITY_MAX_NEW_TOKENS = 128
+# PARITY_CLIPS (defaults.py) is 32: 8 clips proved too few for int8: on the demo run's merged model, 8
+# dev clips gave a CER increase of +0.021 where all 50 gave +0.0012 (one changed word moves 8 short
+# clips' CER by ~0.01).
 # Max |logit difference| between the merged model and base + adapter at the same precision. float32
 # differs only by summation order; half precisions also round W + BA once where the adapter adds BAx
 # to Wx. Measured on whisper-base with a random adapter (2 clips, 32 tokens): float32 6.7e-5,
@@ -76,13 +75,12 @@ def default_parity_data(folder: Path) -> Path:
     """
     recipe = folder.parent / "recipe.yaml"
     if recipe.is_file():
-        import yaml
+        from .config import load_recipe
 
-        dev = ((yaml.safe_load(recipe.read_text(encoding="utf-8")) or {}).get("data") or {}).get("dev")
-        if dev:
-            for candidate in (Path(dev), folder.parent / dev, REPO / dev):
-                if candidate.is_file():
-                    return candidate.resolve()
+        dev = load_recipe(recipe).data.dev
+        for candidate in (Path(dev), folder.parent / dev, REPO / dev):
+            if candidate.is_file():
+                return candidate.resolve()
     report = folder / MERGE_REPORT
     if report.is_file():
         data = json.loads(report.read_text(encoding="utf-8")).get("data")
@@ -95,12 +93,16 @@ def default_parity_data(folder: Path) -> Path:
 
 def parity_clips(manifest: Path, n: int) -> tuple[list[Clip], list[dict]]:
     """The first ``n`` readable clips (at most 30 s) of ``manifest``, and the rows skipped on the way."""
-    from .data.manifest import read_manifest
-    from .evaluate import readable_clips
+    from .audio import AudioError
+    from .data.manifest import load_row_audio, read_rows
 
-    clips, skipped = [], []
-    for uid, row, audio in readable_clips(read_manifest(manifest), manifest, skipped):
-        clips.append(Clip(uid, audio, row.text))
+    rows, bad = read_rows(manifest, strict=False)
+    clips, skipped = [], [{"id": f"line {b.line}", "reason": f"{b.reason}: {b.detail}".rstrip(": ")} for b in bad]
+    for row in rows:
+        try:
+            clips.append(Clip(row.id, load_row_audio(row, max_seconds=30.0), row.text))
+        except AudioError as e:
+            skipped.append({"id": row.id, "reason": str(e)})
         if len(clips) >= n:
             break
     if not clips:
@@ -117,43 +119,14 @@ def _check_out(out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
 
 
-def _work_dir(out: Path) -> Path:
-    """A hidden temporary sibling of ``out`` (renaming it into place is atomic), with the usual
-    permissions rather than mkdtemp's owner-only ones."""
-    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(work, 0o777 & ~umask)
-    return work
-
-
-def _finish(work: Path, out: Path, report: dict, report_name: str, heavy: tuple[str, ...]) -> None:
-    """Rename ``work`` to ``out`` if the check passed; else keep only the report in ``out.failed``."""
-    (work / report_name).write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    if report["passed"]:
-        if out.is_dir():
-            out.rmdir()  # empty (checked before the work started)
-        os.rename(work, out)
-        return
-    failed = out.with_name(out.name + ".failed")
-    shutil.rmtree(failed, ignore_errors=True)
-    for name in heavy:  # weights that failed the check are not worth the disk
-        for path in work.glob(name):
-            path.unlink()
-    os.rename(work, failed)
-
-
-def _write_settings(folder: Path, source: Path, settings: ModelSettings, **extra) -> None:
-    """``asr_lora.json`` of ``source`` (or the settings used, when it has none) plus ``extra``.
-
-    A training ``quant`` becomes ``trained_quant``: the merged weights are never quantised.
-    """
-    path = source / SETTINGS_FILE
-    data = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else settings.to_json()
-    if "quant" in data:
-        data["trained_quant"] = data.pop("quant")
-    data.update(extra)
-    (folder / SETTINGS_FILE).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+def _carried_settings(settings: ModelSettings) -> ModelSettings:
+    """The settings a merged or exported folder carries: its source's. A training ``quant`` becomes
+    ``trained_quant``: the merged weights are never quantised."""
+    carried = ModelSettings(settings.audio_context, settings.language, settings.task, settings.base_model,
+                            dict(settings.extra), source=settings.source)
+    if "quant" in carried.extra:
+        carried.extra["trained_quant"] = carried.extra.pop("quant")
+    return carried
 
 
 # --------------------------------------------------------------------------- merge
@@ -206,9 +179,10 @@ def merge_adapter(checkpoint: str | Path, out: str | Path, *, dtype: str = "floa
     times = {}
 
     t0 = time.perf_counter()
-    peft_model, processor, settings = load_hf(adapter=checkpoint, dtype=dtype)
+    options = DecodeOptions(max_new_tokens=max_new_tokens)
+    peft_model, processor, settings = load_hf(ModelSource("adapter", str(checkpoint)), dtype=dtype)
     base = settings.base_model
-    adapter = HFTranscriber(peft_model, processor.tokenizer, settings, f"adapter:{checkpoint}", max_new_tokens)
+    adapter = HFTranscriber(peft_model, processor.tokenizer, settings, options, f"adapter:{checkpoint}")
     times["load"] = time.perf_counter() - t0
     log(f"parity reference: base + adapter in {dtype} on {len(clips)} clips of {manifest}")
     t0 = time.perf_counter()
@@ -220,18 +194,18 @@ def merge_adapter(checkpoint: str | Path, out: str | Path, *, dtype: str = "floa
     merged = merge_weights(peft_model)
     gen = merged.generation_config
     gen.language, gen.task, gen.forced_decoder_ids = settings.language, settings.task, None
-    work = _work_dir(out)
-    try:
+    with staged_folder(out) as work:
         merged.save_pretrained(work)
         processor.save_pretrained(work)
         processor.feature_extractor.save_pretrained(work)  # preprocessor_config.json: older readers want it
-        _write_settings(work, checkpoint, settings, dtype=dtype, merged_from=str(checkpoint.resolve()))
+        write_settings(work, _carried_settings(settings), dtype=dtype,
+                       merged_from=str(checkpoint.resolve()))
         del merged, peft_model, adapter
         times["merge_save"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        reloaded, processor2, settings2 = load_hf(merged=work, dtype=dtype)
-        merged_t = HFTranscriber(reloaded, processor2.tokenizer, settings2, f"merged:{out}", max_new_tokens)
+        reloaded, processor2, settings2 = load_hf(ModelSource("merged", str(work)), dtype=dtype)
+        merged_t = HFTranscriber(reloaded, processor2.tokenizer, settings2, options, f"merged:{out}")
         new_ids = _greedy(merged_t, clips, batch_size)
         new_logits = _logits(merged_t, clips, ref_ids, batch_size)
         times["check"] = time.perf_counter() - t0
@@ -252,10 +226,7 @@ def merge_adapter(checkpoint: str | Path, out: str | Path, *, dtype: str = "floa
                   "ids": [c.id for c in clips], "skipped": skipped, "max_new_tokens": max_new_tokens,
                   "language": settings.language, "task": settings.task, "audio_context": settings.audio_context,
                   "seconds": {k: round(v, 3) for k, v in times.items()}}
-        _finish(work, out, report, MERGE_REPORT, heavy=("*.safetensors",))
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
+        finish_or_failed(work, out, report, MERGE_REPORT, heavy=("*.safetensors",))
     if not passed:
         failed = out.with_name(out.name + ".failed")
         raise ParityError(f"merge parity check failed: transcripts identical {not mismatches} "
@@ -318,11 +289,11 @@ def export_ct2(merged_dir: str | Path, out: str | Path, *, quantization: str = "
     import ctranslate2
     from ctranslate2.converters import TransformersConverter
 
-    from .backends import check_merged_folder
     from .metrics import score
 
     merged_dir, out = Path(merged_dir), Path(out)
-    check_merged_folder(merged_dir)
+    source = ModelSource("merged", str(merged_dir))
+    source.check()
     if quantization not in QUANTIZATIONS:
         raise UserError(f"--quantization must be one of {', '.join(QUANTIZATIONS)}, got {quantization!r}")
     tolerance = CER_TOLERANCE[quantization] if tolerance is None else tolerance
@@ -333,21 +304,21 @@ def export_ct2(merged_dir: str | Path, out: str | Path, *, quantization: str = "
     num_mel_bins = json.loads((merged_dir / "config.json").read_text(encoding="utf-8"))["num_mel_bins"]
     times = {}
 
-    work = _work_dir(out)
-    try:
+    with staged_folder(out) as work:
         t0 = time.perf_counter()
         log(f"converting {merged_dir} with ctranslate2 {ctranslate2.__version__} ({quantization})")
         TransformersConverter(str(merged_dir), copy_files=["tokenizer.json"]).convert(
             str(work), quantization=quantization, force=True)
         write_preprocessor_config(merged_dir, work, num_mel_bins)
-        _write_settings(work, merged_dir, settings, quantization=quantization)
+        write_settings(work, _carried_settings(settings), quantization=quantization)
         times["convert"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
         log(f"parity: CER of the export vs the merged model on {len(clips)} clips of {manifest}")
-        hf_model, processor, hf_settings = load_hf(merged=merged_dir)
-        hf = HFTranscriber(hf_model, processor.tokenizer, hf_settings, f"merged:{merged_dir}", max_new_tokens)
-        ct = CT2Transcriber(work, settings, max_new_tokens=max_new_tokens)
+        options = DecodeOptions(max_new_tokens=max_new_tokens)
+        hf_model, processor, hf_settings = load_hf(source)
+        hf = HFTranscriber(hf_model, processor.tokenizer, hf_settings, options, f"merged:{merged_dir}")
+        ct = CT2Transcriber(work, settings, options)
         audios = [c.audio for c in clips]
         hyps_hf, hyps_ct = [], []
         for i in range(0, len(audios), batch_size):
@@ -371,10 +342,7 @@ def export_ct2(merged_dir: str | Path, out: str | Path, *, quantization: str = "
                   "mismatches": [{"id": c.id, "hf": a, "ct2": b}
                                  for c, a, b, s in zip(clips, hyps_hf, hyps_ct, same) if not s],
                   "seconds": {k: round(v, 3) for k, v in times.items()}}
-        _finish(work, out, report, EXPORT_REPORT, heavy=("model.bin",))
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
+        finish_or_failed(work, out, report, EXPORT_REPORT, heavy=("model.bin",))
     if not passed:
         failed = out.with_name(out.name + ".failed")
         raise ParityError(f"export parity check failed: CER {cer_ct:.4f} (CTranslate2 {quantization}) vs "
@@ -382,8 +350,3 @@ def export_ct2(merged_dir: str | Path, out: str | Path, *, quantization: str = "
                           f"to {out}; report in {failed / EXPORT_REPORT}. A few clips give a noisy CER: "
                           "--n-clips raises the sample, --tolerance the limit, or export a wider type")
     return report
-
-
-def print_report(report: dict, file=sys.stdout) -> None:
-    print(json.dumps({k: v for k, v in report.items() if k not in ("ids", "mismatches")}, indent=2,
-                     ensure_ascii=False), file=file)

@@ -21,10 +21,10 @@ import json
 from pathlib import Path
 from typing import Literal
 
-from .backends import read_settings
 from .bundled import resolve_model
 from .errors import UserError
-from .trimmed import apply_audio_context  # noqa: F401  (re-exported: one switch for every command)
+from .settings import read_settings
+from .trimmed import apply_audio_context
 
 Quant = Literal["none", "8bit", "4bit"]
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -64,9 +64,21 @@ def load_processor(name: str, language: str | None = "ko", task: str = "transcri
     return processor
 
 
+def torch_dtype(dtype):
+    """A ``torch.dtype`` from its name ("float32", "float16", "bfloat16"); None and dtypes pass through."""
+    import torch
+
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+    if dtype not in names:
+        raise UserError(f"dtype must be one of {', '.join(names)}, got {dtype!r}")
+    return names[dtype]
+
+
 def load_model(name: str, device: str | None = None, dtype=None, allow_pickle: bool = False):
     """``WhisperForConditionalGeneration`` in eval mode (full precision unless ``dtype``; safetensors
-    weights only unless ``allow_pickle``)."""
+    weights only unless ``allow_pickle``), in the audio context its folder's settings record."""
     import torch
     from transformers import WhisperForConditionalGeneration
 
@@ -74,6 +86,7 @@ def load_model(name: str, device: str | None = None, dtype=None, allow_pickle: b
     kwargs = {"dtype": dtype} if dtype is not None else {}
     model = WhisperForConditionalGeneration.from_pretrained(path, **kwargs, **weights_kwargs(path, allow_pickle))
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    apply_audio_context(model, read_settings(name if Path(name).is_dir() else None).audio_context)
     return model.to(device).eval()
 
 
@@ -175,18 +188,6 @@ def attach_lora(model, lora_cfg):
     return get_peft_model(model, config)
 
 
-def count_lora_modules(model) -> int:
-    """Number of modules that carry a LoRA adapter.
-
-    With ``target_modules=["q_proj", "v_proj"]`` the names match encoder self-attention, decoder
-    self-attention and decoder cross-attention (``encoder_attn``): 2 per encoder layer and 4 per
-    decoder layer, so 36 modules in whisper-base (6 x 2 + 6 x 4).
-    """
-    from peft.tuners.lora import LoraLayer
-
-    return sum(isinstance(module, LoraLayer) for module in model.modules())
-
-
 def _numel(param) -> int:
     """Logical element count: bitsandbytes ``Params4bit`` packs two 4-bit values per byte."""
     n = param.numel()
@@ -204,12 +205,6 @@ def trainable_parameters(model) -> tuple[int, int]:
         if param.requires_grad:
             trainable += n
     return trainable, total
-
-
-def trainable_summary(model) -> str:
-    """One log line, e.g. ``trainable params: 1,179,648 of 73,773,568 (1.60%)``."""
-    trainable, total = trainable_parameters(model)
-    return f"trainable params: {trainable:,} of {total:,} ({100 * trainable / max(total, 1):.2f}%)"
 
 
 def build_training_model(model_cfg, lora_cfg, device_map=None):
@@ -324,5 +319,5 @@ def load_adapter_model(adapter_dir: str | Path, base: str | None = None, quant: 
     if quant == "none" and device_map is None:
         model = model.to("cuda" if torch.cuda.is_available() else "cpu")
     model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
-    apply_audio_context(model, read_settings(adapter_dir).audio_context)  # asr_lora.json
+    apply_audio_context(model, read_settings(adapter_dir).audio_context)  # as trained (asr_lora.json)
     return model.eval()

@@ -5,15 +5,12 @@ to them. The loss of one optimizer step is the sum of token losses over all its 
 all processes) divided by the total label-token count, so (batch 8, accum 1) and (batch 2, accum 4)
 give the same update.
 
-Run folder (``train.output_dir``)::
-
-    recipe.yaml  run_info.json  metrics.jsonl  cer.png  tb/
-    step-000100/  adapter_model.safetensors adapter_config.json trainer_state.json optimizer.pt
-                  scheduler.pt rng.pt (scaler.pt with fp16) metrics.json asr_lora.json
-    best/  (lowest dev CER)   final/  (end of training)
-
-A checkpoint is written to a temporary folder and renamed, so a crash never leaves a half
-checkpoint that looks complete; resume picks the newest ``step-*`` folder.
+The run folder (``train.output_dir``) is :class:`asr_lora.runfolder.RunFolder`; a checkpoint
+``step-000100/`` holds adapter_model.safetensors, adapter_config.json, trainer_state.json,
+optimizer.pt, scheduler.pt, rng.pt (scaler.pt with fp16), metrics.json and asr_lora.json.
+Metrics go to ``metrics.jsonl`` and to the trackers of ``train.report_to`` (accelerate's tracker
+API; TensorBoard in ``tb/`` by default): training loss, learning rate, step seconds, tokens/s and
+every evaluation metric.
 
 What happens when things go wrong (each promise has a test in ``tests/test_reliability.py``):
 
@@ -45,18 +42,13 @@ the run writes ``<output_dir>/.test-paused`` and sleeps there, so a test can kil
 
 from __future__ import annotations
 
-import errno
-import json
 import math
 import os
 import pickle
 import platform
 import random
-import re
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,20 +57,11 @@ import torch
 import yaml
 
 from .config import ConfigError, RecipeConfig, to_dict
-from .errors import UserError
+from .errors import TrainingError, UserError
+from .runfolder import TRAINER_STATE, RunFolder, latest_checkpoint, step_name
 
-STEP_DIR = re.compile(r"^step-(\d{6,})$")
-TRAINER_STATE = "trainer_state.json"
-RUN_META = "asr_lora.json"
-LOCK_FILE = ".lock"
-# What a run writes into its folder besides step-NNNNNN/ (``--fresh`` sets these aside)
-RUN_OUTPUTS = ("best", "final", "metrics.jsonl", "tb", "cer.png", "recipe.yaml", "run_info.json", "demo_summary.json")
 TEST_PAUSE_ENV = "ASR_LORA_TEST_PAUSE"  # test-only: "POINT@STEP", see the module docstring
 TEST_PAUSE_MARKER = ".test-paused"
-
-
-class TrainingError(UserError):
-    """Training cannot go on (non-finite losses, too many bad rows, a failed checkpoint write)."""
 
 
 @dataclass
@@ -97,7 +80,7 @@ class TrainerState:
     history: list[dict] = field(default_factory=list)
 
 
-# --------------------------------------------------------------------------- data order
+# --------------------------------------------------------------------------- data order and loss
 
 
 def length_grouped_batches(durations: list[float], batch_size: int, seed: int, epoch: int,
@@ -119,25 +102,12 @@ def length_grouped_batches(durations: list[float], batch_size: int, seed: int, e
     return batches
 
 
-def read_rows(path: str | Path) -> list[dict]:
-    """Manifest rows for training/eval, audio made absolute; malformed lines are an error here
-    (run ``asr-lora prepare manifest`` first to clean a manifest)."""
-    from .data.manifest import BadRow, read_manifest
-
-    rows, bad = [], []
-    for row in read_manifest(path):
-        if isinstance(row, BadRow):
-            bad.append(row)
-            continue
-        rows.append({"id": row.id or f"{Path(path).stem}-{row.line}", "audio": row.audio, "text": row.text,
-                     "duration": row.duration, "offset": row.offset, "end": row.end})
-    if bad:
-        first = bad[0]
-        raise UserError(f"{path}: {len(bad)} bad row(s), first at line {first.line}: {first.reason} "
-                        f"{first.detail}; clean it with 'asr-lora prepare manifest {path} --out DIR'")
-    if not rows:
-        raise UserError(f"{path}: no rows")
-    return rows
+def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Summed cross-entropy over label tokens (-100 ignored) and the number of tokens counted."""
+    loss = torch.nn.functional.cross_entropy(
+        logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="sum"
+    )
+    return loss, int((labels != -100).sum())
 
 
 def resolve_mixed_precision(requested: str, cuda: bool | None = None,
@@ -148,8 +118,6 @@ def resolve_mixed_precision(requested: str, cuda: bool | None = None,
     so a GPU recipe still runs as a CPU smoke test. bf16 on a GPU without native bf16 (before
     Ampere) is refused: torch would emulate it, slower than fp32; fp16 (with a loss scaler) fits there.
     """
-    import torch
-
     cuda = torch.cuda.is_available() if cuda is None else cuda
     if requested == "no":
         return "no", None
@@ -166,6 +134,14 @@ def resolve_mixed_precision(requested: str, cuda: bool | None = None,
     return requested, None
 
 
+def trackers(report_to: list[str], out: Path) -> list:
+    """accelerate trackers for ``train.report_to``: TensorBoard writes to ``out/tb``."""
+    from accelerate.tracking import TensorBoardTracker
+
+    return [TensorBoardTracker("tb", logging_dir=str(out)) if name == "tensorboard" else name
+            for name in report_to if name != "none"]
+
+
 # --------------------------------------------------------------------------- the recipe
 
 
@@ -177,72 +153,76 @@ class Trainer:
         self.resume = resume
         self.progress = progress
         self.out = Path(cfg.train.output_dir)
+        self.run = RunFolder(self.out, log=self.log)
         self.state = TrainerState()
         self._last_saved_step: int | None = None
-        self._lock = None
 
     # ---------------------------------------------------------------- setup
     def setup(self) -> None:
         from accelerate import Accelerator
         from transformers import WhisperProcessor, get_linear_schedule_with_warmup
 
+        from .backends import DecodeOptions
         from .bundled import resolve_model
         from .data.collator import WhisperCollator
-        from .model import build_training_model
-        from .trimmed import COLLATOR_PADDING, apply_audio_context
+        from .data.manifest import read_rows
+        from .model import build_training_model, trainable_parameters
+        from .settings import settings_from_recipe
+        from .trimmed import apply_audio_context, feature_padding
 
         cfg = self.cfg
         self.mixed_precision, precision_warning = resolve_mixed_precision(cfg.train.mixed_precision)
-        self.accelerator = Accelerator(mixed_precision=self.mixed_precision, cpu=not torch.cuda.is_available())
+        self.accelerator = Accelerator(mixed_precision=self.mixed_precision, cpu=not torch.cuda.is_available(),
+                                       log_with=trackers(cfg.train.report_to, self.out) or None)
         acc = self.accelerator
         if precision_warning:
             self.log(f"warning: {precision_warning}")
         if acc.is_main_process:
-            self._lock_run_folder()
+            self.run.open(fresh=self.resume is False)
         self._seed_everything(cfg.train.seed)
-        self.train_rows = read_rows(cfg.data.train)
-        self.dev_rows = read_rows(cfg.data.dev)
+        self.train_rows, _ = read_rows(cfg.data.train)
+        self.dev_rows, _ = read_rows(cfg.data.dev)
         if cfg.eval.max_samples and cfg.eval.max_samples < len(self.dev_rows):
             pick = sorted(random.Random(cfg.train.seed).sample(range(len(self.dev_rows)), cfg.eval.max_samples))
             self.dev_rows = [self.dev_rows[i] for i in pick]  # fixed subset, same every eval
-        self.durations = [r["duration"] or 0.0 for r in self.train_rows]
+        self.durations = [r.duration or 0.0 for r in self.train_rows]
 
         model_path = resolve_model(cfg.model.name) if acc.is_main_process else None
         acc.wait_for_everyone()
         model_path = resolve_model(cfg.model.name)
-        self.processor = WhisperProcessor.from_pretrained(model_path)
-        self.tokenizer = self.processor.tokenizer
+        self.tokenizer = WhisperProcessor.from_pretrained(model_path).tokenizer
         device_map = {"": acc.local_process_index} if cfg.model.quant != "none" and torch.cuda.is_available() else None
         model = build_training_model(cfg.model, cfg.lora, device_map=device_map)  # safetensors only, unless asked
         apply_audio_context(model, cfg.model.audio_context)
-        self.n_mels = model.config.num_mel_bins if hasattr(model, "config") else 80
-        self.collator = WhisperCollator(self.tokenizer, n_mels=self.n_mels,
-                                        padding=COLLATOR_PADDING[cfg.model.audio_context],
-                                        max_label_tokens=cfg.data.max_label_tokens,
+        self.settings = settings_from_recipe(cfg)
+        self.eval_options = DecodeOptions(language=cfg.model.language, task=cfg.model.task,
+                                          max_new_tokens=cfg.eval.max_new_tokens, num_beams=cfg.eval.num_beams,
+                                          bound_by_reference=True)
+        padding, multiple = feature_padding(cfg.model.audio_context)
+        self.collator = WhisperCollator(self.tokenizer, n_mels=model.config.num_mel_bins, padding=padding,
+                                        pad_to_multiple_of=multiple, max_label_tokens=cfg.data.max_label_tokens,
                                         language=cfg.model.language, task=cfg.model.task,
                                         # log-mel on the GPU, in the data path (never precomputed)
                                         feature_device=acc.device if acc.device.type == "cuda" else None)
+        self.trainable, self.total_params = trainable_parameters(model)
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
         scheduler = get_linear_schedule_with_warmup(optimizer, cfg.train.warmup_steps, cfg.train.max_steps)
         self.model, self.optimizer, self.scheduler = acc.prepare(model, optimizer, scheduler)
-        self.trainable = sum(p.numel() for p in params)
-        self.total_params = sum(p.numel() for p in model.parameters())
 
-        if acc.is_main_process:
-            self._clean_temporaries()
-            if self.resume is False:
-                self._set_aside_previous_run()
         acc.wait_for_everyone()
         latest = latest_checkpoint(self.out)
         if latest is not None and self.resume is not False:
             self._load_checkpoint(latest)
         elif latest is None and self.resume:
             self.log(f"--resume: no checkpoint in {self.out}; starting from step 0")
-        self._resumed_step = self.state.step
         if acc.is_main_process:
-            self._write_run_info()
-            self._truncate_metrics(self.state.step)
+            self.run.write_run_info(*run_records(cfg, self, self.out))
+            self.run.truncate_metrics(self.state.step)
+        for tracker in acc.log_with:  # events past the step we resumed from are replaced
+            if getattr(tracker, "name", None) == "tensorboard":
+                tracker.init_kwargs["purge_step"] = self.state.step + 1
+        acc.init_trackers("asr-lora", config=flat_config(cfg), init_kwargs={"wandb": {"name": self.out.name}})
         self.log(f"trainable params: {self.trainable:,} of {self.total_params:,} "
                  f"({100 * self.trainable / self.total_params:.2f}%); {len(self.train_rows)} train rows, "
                  f"{len(self.dev_rows)} dev rows; world size {acc.num_processes}")
@@ -253,15 +233,13 @@ class Trainer:
 
         cfg, acc, st = self.cfg, self.accelerator, self.state
         accum, world = cfg.train.grad_accum, acc.num_processes
-        per_step = accum * world
         bar = tqdm(total=cfg.train.max_steps, initial=st.step, desc="train", unit="step",
                    disable=not (self.progress and acc.is_main_process), dynamic_ncols=True)
         bad_in_a_row = 0
         self.model.train()
         while st.step < cfg.train.max_steps:
             t0 = time.perf_counter()
-            micro = self._next_micro_batches(per_step)
-            mine = micro[acc.process_index::world]
+            mine = self._next_micro_batches(accum * world)[acc.process_index::world]
             batches = [self.collator([self.train_rows[i] for i in idx]) for idx in mine]
             skipped_rows = self._count_bad_rows(batches)
             n_tokens = torch.tensor(sum(int((b["labels"] != -100).sum()) for b in batches if "labels" in b),
@@ -269,9 +247,8 @@ class Trainer:
             total_tokens = int(acc.reduce(n_tokens, reduction="sum")) if world > 1 else int(n_tokens)
             loss_sum = torch.zeros((), device=acc.device)
             for b in batches:
-                if "labels" not in b:
-                    continue
-                loss_sum += self._backward(b, total_tokens, world)
+                if "labels" in b:
+                    loss_sum += self._backward(b, total_tokens, world)
             self._test_pause("step", st.step + 1)
             if world > 1:
                 loss_sum = acc.reduce(loss_sum, reduction="sum")
@@ -291,8 +268,9 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             self.scheduler.step()
             st.step += 1
+            seconds = time.perf_counter() - t0
             record = {"step": st.step, "loss": loss, "lr": self.scheduler.get_last_lr()[0],
-                      "tokens": total_tokens, "step_seconds": round(time.perf_counter() - t0, 3)}
+                      "tokens": total_tokens, "step_seconds": round(seconds, 3)}
             if skip_reason is not None:
                 record.update(update_skipped=True, skip_reason=skip_reason, skipped_updates=st.skipped_updates)
             if st.bad_rows:
@@ -301,9 +279,10 @@ class Trainer:
                 record["skipped_rows"] = [{"id": uid, "reason": reason} for uid, reason in skipped_rows]
             st.history.append({"step": st.step, "loss": loss})
             bar.set_postfix(loss=f"{loss if loss is not None else math.nan:.4f}", lr=f"{record['lr']:.2e}",
-                            s_step=f"{record['step_seconds']:.1f}")
+                            s_step=f"{seconds:.1f}")
             bar.update(1)
-            self._append_metrics(record)
+            self._record(record, {"train/loss": loss, "train/lr": record["lr"], "train/step_seconds": seconds,
+                                  "train/tokens_per_second": total_tokens / seconds})
             evaluated = None
             if st.step % cfg.train.eval_every == 0 or st.step == cfg.train.max_steps:
                 evaluated = self.evaluate()
@@ -317,8 +296,6 @@ class Trainer:
         return st
 
     def _backward(self, batch: dict, total_tokens: int, world: int) -> torch.Tensor:
-        from .evaluate import token_loss_sum
-
         acc = self.accelerator
         features = batch["input_features"].to(acc.device)
         labels = batch["labels"].to(acc.device)
@@ -361,10 +338,7 @@ class Trainer:
         return None, False
 
     def _grads_finite(self) -> bool:
-        for p in self.model.parameters():
-            if p.grad is not None and not torch.isfinite(p.grad).all():
-                return False
-        return True
+        return all(p.grad is None or torch.isfinite(p.grad).all() for p in self.model.parameters())
 
     def _next_micro_batches(self, n: int) -> list[list[int]]:
         """The next ``n`` micro-batches of the deterministic epoch order (crossing epochs)."""
@@ -412,88 +386,112 @@ class Trainer:
         return skipped
 
     # ---------------------------------------------------------------- evaluate
+    @torch.no_grad()
     def evaluate(self) -> dict:
-        """CER/WER/sWER/eval loss on the dev rows (sharded over processes), logged and plotted."""
+        """CER/WER/sWER/dev loss on the dev rows (sharded over processes) through the same decode path
+        as ``asr-lora eval``; recorded, printed, plotted and sent to the trackers."""
         from accelerate.utils import gather_object
 
-        from .evaluate import evaluate_rows
+        from .backends import HFTranscriber
+        from .evaluate import NothingToEvaluate, evaluate_rows, scored
 
         cfg, acc, st = self.cfg, self.accelerator, self.state
-        model = acc.unwrap_model(self.model)
+        transcriber = HFTranscriber(acc.unwrap_model(self.model), self.tokenizer, self.settings, self.eval_options,
+                                    "training")
         shard = self.dev_rows[acc.process_index::acc.num_processes]
-        read = []  # rows the collator could read, per batch
-
-        def collate(rows: list[dict]) -> dict:
-            if len(read) == 1:
-                self._test_pause("eval", st.step)  # after the first batch: mid-evaluation
-            batch = self.collator(rows)
-            read.append(len(batch["ids"]))
-            return batch
-
-        start, why = time.perf_counter(), "no dev rows"
+        start, result, why = time.perf_counter(), None, "no dev rows"
         try:
-            result = evaluate_rows(model, self.tokenizer, collate, shard, batch_size=cfg.eval.batch_size,
-                                   language=cfg.model.language, task=cfg.model.task,
-                                   max_new_tokens=cfg.eval.max_new_tokens, num_beams=cfg.eval.num_beams,
-                                   device=acc.device) if shard else None
-        except ValueError as e:
-            if sum(read):
-                raise
-            result, why = None, str(e)  # this shard was unreadable; others may not be: decide together
-        if acc.num_processes > 1:
-            from .evaluate import EvalResult
-            from .metrics import score
-
-            # every process takes part in the gathers, whatever its shard gave (else the others hang)
-            mine = result or EvalResult(None, 0.0, time.perf_counter() - start, [], [], [], [])
-            triples = gather_object(list(zip(mine.ids, mine.refs, mine.hyps)))
-            losses = gather_object([(mine.eval_loss, len(mine.ids))])
-            skipped = gather_object(list(mine.skipped) if result else [(str(r.get("id")), why) for r in shard])
-            if not triples:
-                raise TrainingError(f"step {st.step}: no dev row of {cfg.data.dev} could be read ({why})")
-            mine.report = score([t[1] for t in triples], [t[2] for t in triples], ids=[t[0] for t in triples])
-            mine.eval_loss = sum(l * n for l, n in losses) / max(sum(n for _, n in losses), 1)
-            mine.skipped = skipped
-            result = mine
-        elif result is None:
+            result = evaluate_rows(transcriber, shard, batch_size=cfg.eval.batch_size, loss=self._eval_loss,
+                                   before_batch=lambda k: k == 1 and self._test_pause("eval", st.step))
+        except NothingToEvaluate as e:
+            why = str(e)  # this shard was unreadable; others may not be: decide together
+        if acc.num_processes > 1:  # every process joins the gathers, whatever its shard gave (else they hang)
+            utterances = gather_object(result.utterances_in if result else [])
+            skipped = gather_object(result.skipped if result else [{"id": r.id, "reason": why} for r in shard])
+            losses = gather_object([(result.eval_loss or 0.0, result.report.n) if result else (0.0, 0)])
+            n = sum(k for _, k in losses)
+            try:
+                result = scored(utterances, skipped, eval_loss=sum(l * k for l, k in losses) / max(n, 1))
+            except NothingToEvaluate:
+                result = None
+        if result is None:
             raise TrainingError(f"step {st.step}: no dev row of {cfg.data.dev} could be read ({why})")
-        metrics = {"step": st.step, **result.metrics(), "bad_rows": st.bad_rows,
-                   "skipped_updates": st.skipped_updates}
+        result.seconds = time.perf_counter() - start
+        metrics = {"step": st.step, **result.metrics(), "bad_rows": st.bad_rows, "skipped_updates": st.skipped_updates}
         if result.report.cer < st.best_cer:
             st.best_cer, st.best_step = result.report.cer, st.step
             st.evals_without_improvement = 0
         else:
             st.evals_without_improvement += 1
+        self._record(metrics, {f"dev/{k}": metrics[k] for k in ("cer", "cer_nospace", "wer", "swer", "eval_loss")})
         if acc.is_main_process:
-            self._append_metrics(metrics)
+            self.run.write_eval_utterances(st.step, result.utterances())
             self._print_eval_row(metrics)
-            self._plot_cer()
-            self._tensorboard(metrics)
-        self._last_eval = metrics
+            self.run.plot_cer()
         return metrics
+
+    def _eval_loss(self, encoded, texts: list[str]) -> tuple[torch.Tensor, int]:
+        """Teacher-forced dev loss on the encoder outputs of one evaluation batch."""
+        ids = [self.collator.label_ids(t)[: self.cfg.data.max_label_tokens - 1] for t in texts]
+        width = max(len(i) for i in ids)
+        labels = torch.tensor([i + [-100] * (width - len(i)) for i in ids], device=self.accelerator.device)
+        out = self.accelerator.unwrap_model(self.model)(encoder_outputs=encoded, labels=labels, use_cache=False)
+        return token_loss_sum(out.logits, labels)
 
     def _should_stop_early(self) -> bool:
         patience = self.cfg.train.early_stopping_patience
         return patience > 0 and self.state.evals_without_improvement >= patience
 
     # ---------------------------------------------------------------- checkpoints
-    def save_checkpoint(self, metrics: dict | None = None) -> Path | None:
+    def save_checkpoint(self, metrics: dict | None = None) -> Path:
         """Write ``step-NNNNNN/`` atomically, rotate old ones, refresh ``best/``."""
         acc, st = self.accelerator, self.state
         acc.wait_for_everyone()
-        target = self.out / f"step-{st.step:06d}"
         error, cause = None, None
         if acc.is_main_process:
             try:
-                self._write_checkpoint(target, metrics)
-                if metrics is not None and st.best_step == st.step:
-                    self._copy_atomic(target, self.out / "best")
-                self._rotate()
-            except OSError as e:
-                error, cause = _write_error(f"checkpoint {target}", e, self.out), e
+                self.run.save_step(st.step, lambda folder: self._write_checkpoint(folder, metrics),
+                                   best=metrics is not None and st.best_step == st.step,
+                                   keep_last=self.cfg.train.keep_last, protect=st.best_step)
+            except TrainingError as e:
+                error, cause = str(e), e
         self._raise_on_any_process(error, cause)
         self._last_saved_step = st.step
-        return target
+        return self.out / step_name(st.step)
+
+    def _write_checkpoint(self, folder: Path, metrics: dict | None) -> None:
+        from .atomic import write_json_atomic
+        from .settings import write_settings
+
+        self.accelerator.unwrap_model(self.model).save_pretrained(folder, safe_serialization=True)
+        write_settings(folder, self.settings)
+        torch.save(self.optimizer.state_dict(), folder / "optimizer.pt")
+        self._test_pause("checkpoint", self.state.step)  # test-only: a kill here leaves a half temporary
+        torch.save(self.scheduler.state_dict(), folder / "scheduler.pt")
+        rng = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        torch.save(rng, folder / "rng.pt")
+        if getattr(self.accelerator, "scaler", None) is not None:  # fp16: the loss scale goes on too
+            torch.save(self.accelerator.scaler.state_dict(), folder / "scaler.pt")
+        state = {k: v for k, v in vars(self.state).items() if k != "history"}
+        state["best_cer"] = None if math.isinf(state["best_cer"]) else state["best_cer"]
+        write_json_atomic(folder / TRAINER_STATE, state)
+        last = self.state.history[-1]["loss"] if self.state.history else None
+        write_json_atomic(folder / "metrics.json", metrics or {"step": self.state.step, "loss": last})
+
+    def _save_final(self) -> None:
+        """Copy the last checkpoint to ``final/`` (saving it first if the loop ended between saves)."""
+        acc, st = self.accelerator, self.state
+        if self._last_saved_step != st.step:  # e.g. early stopping; same decision on every process
+            self.save_checkpoint(None)
+        error, cause = None, None
+        if acc.is_main_process:
+            try:
+                self.run.finalize(st.step)
+            except TrainingError as e:
+                error, cause = str(e), e
+        self._raise_on_any_process(error, cause)
 
     def _raise_on_any_process(self, error: str | None, cause: BaseException | None = None) -> None:
         """Raise ``TrainingError(error)`` on every process when the main one failed (no DDP hang)."""
@@ -506,63 +504,11 @@ class Trainer:
             raise TrainingError(error) from cause
         acc.wait_for_everyone()
 
-    def _write_checkpoint(self, target: Path, metrics: dict | None) -> None:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=self.out))
-        try:
-            self.accelerator.unwrap_model(self.model).save_pretrained(tmp, safe_serialization=True)
-            write_run_meta(tmp, self.cfg)
-            torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
-            self._test_pause("checkpoint", self.state.step)  # test-only: a kill here leaves a half temporary
-            torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
-            rng = {"torch": torch.get_rng_state()}
-            if torch.cuda.is_available():
-                rng["cuda"] = torch.cuda.get_rng_state_all()
-            torch.save(rng, tmp / "rng.pt")
-            if getattr(self.accelerator, "scaler", None) is not None:  # fp16: the loss scale goes on too
-                torch.save(self.accelerator.scaler.state_dict(), tmp / "scaler.pt")
-            state = {k: v for k, v in vars(self.state).items() if k != "history"}
-            state["best_cer"] = None if math.isinf(state["best_cer"]) else state["best_cer"]
-            (tmp / TRAINER_STATE).write_text(json.dumps(state, indent=2))
-            (tmp / "metrics.json").write_text(json.dumps(metrics or self._last_train_record(), indent=2))
-            _fsync_dir(tmp)
-            _replace_dir(tmp, target)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-
-    def _copy_atomic(self, src: Path, dst: Path) -> None:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=self.out))
-        try:
-            shutil.copytree(src, tmp, dirs_exist_ok=True)
-            _replace_dir(tmp, dst)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-
-    def _rotate(self) -> None:
-        keep = self.cfg.train.keep_last
-        steps = sorted(checkpoint_steps(self.out))
-        protected = {self.state.best_step}
-        for step in steps[:-keep] if keep > 0 else steps:
-            if step not in protected:
-                _remove_dir(self.out / f"step-{step:06d}")
-
-    def _save_final(self) -> None:
-        """Copy the last checkpoint to ``final/`` (saving it first if the loop ended between saves)."""
-        acc, st = self.accelerator, self.state
-        if self._last_saved_step != st.step:  # e.g. early stopping; same decision on every process
-            self.save_checkpoint(None)
-        error, cause = None, None
-        if acc.is_main_process:
-            try:
-                self._copy_atomic(self.out / f"step-{st.step:06d}", self.out / "final")
-            except OSError as e:
-                error, cause = _write_error(f"{self.out / 'final'}", e, self.out), e
-        self._raise_on_any_process(error, cause)
-
     def _load_checkpoint(self, path: Path) -> None:
         """Adapter weights (safetensors), optimizer/scheduler/RNG states (tensors only: a pickle that
         would run code is refused) and trainer state; any failure names the checkpoint."""
+        import json
+
         from peft import set_peft_model_state_dict
         from safetensors.torch import load_file
 
@@ -590,98 +536,15 @@ class Trainer:
         self._last_saved_step = self.state.step  # that checkpoint exists: a finished run is not saved again
         self.log(f"resumed from {path} (step {self.state.step})")
 
-    def _set_aside_previous_run(self) -> None:
-        """``--fresh`` on a folder that holds a run: move that run's outputs into ``previous-<time>/``
-        (nothing is deleted), so its checkpoints can neither be resumed into nor outrank and rotate
-        away the new run's."""
-        old = [p for p in self.out.iterdir() if p.name in RUN_OUTPUTS or STEP_DIR.match(p.name)]
-        if not old:
-            return
-        stamp, k = time.strftime("previous-%Y%m%d-%H%M%S"), 1
-        aside = self.out / stamp
-        while aside.exists():
-            k += 1
-            aside = self.out / f"{stamp}-{k}"
-        aside.mkdir()
-        for path in sorted(old):
-            os.rename(path, aside / path.name)
-        self.log(f"--fresh: moved the previous run in {self.out} ({len(old)} entries) to {aside.name}/")
-
-    def _clean_temporaries(self) -> None:
-        """Remove what an interrupted run left (temporaries, folders half-way through a replace) and say so."""
-        for tmp in sorted(self.out.glob(".*.tmp-*")):
-            shutil.rmtree(tmp, ignore_errors=True)
-            self.log(f"removed an unfinished checkpoint write: {tmp.name}")
-        for old in sorted(p for p in self.out.glob(".*.old") if p.is_dir()):
-            live = self.out / old.name[1:-len(".old")]
-            if live.exists():
-                shutil.rmtree(old, ignore_errors=True)
-                self.log(f"removed a replaced folder left by an interrupted run: {old.name}")
-            else:  # killed between the two renames of _replace_dir: the old copy is the live one
-                os.rename(old, live)
-                self.log(f"restored {live.name}/ from {old.name} (an interrupted run was replacing it)")
-
-    def _lock_run_folder(self) -> None:
-        """One training run per output folder: an advisory lock the kernel drops if the process dies."""
-        try:
-            self.out.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise TrainingError(_write_error(f"run folder {self.out}", e, self.out)) from e
-        try:
-            import fcntl
-        except ImportError:  # Windows: no lock
-            return
-        self._lock = open(self.out / LOCK_FILE, "a+")
-        try:
-            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            self._lock.close()
-            self._lock = None
-            raise TrainingError(f"{self.out} is in use by another 'asr-lora train' (lock {self.out / LOCK_FILE}); "
-                                "wait for it or choose another train.output_dir") from None
-
-    def _test_pause(self, point: str, step: int) -> None:
-        """Test-only hook (``ASR_LORA_TEST_PAUSE=POINT@STEP``): mark the spot and wait to be killed."""
-        if os.environ.get(TEST_PAUSE_ENV) == f"{point}@{step}" and self.accelerator.is_main_process:
-            (self.out / TEST_PAUSE_MARKER).write_text(f"{point}@{step}\n")
-            time.sleep(600)
-
     # ---------------------------------------------------------------- records
-    def log(self, message: str) -> None:
+    def _record(self, record: dict, scalars: dict) -> None:
+        """A metrics.jsonl line (main process) and the trackers' scalars (None values left out)."""
         if self.accelerator.is_main_process:
-            from tqdm import tqdm
-
-            tqdm.write(message, file=sys.stderr)
-
-    def _last_train_record(self) -> dict:
-        return {"step": self.state.step, "loss": self.state.history[-1]["loss"] if self.state.history else None}
-
-    def _append_metrics(self, record: dict) -> None:
-        if not self.accelerator.is_main_process:
-            return
-        path = self.out / "metrics.jsonl"
-        try:
-            with open(path, "a", encoding="utf-8") as fh:
-                fh.write(json.dumps(record) + "\n")
-        except OSError as e:
-            raise TrainingError(_write_error(str(path), e, self.out)) from e
-
-    def _truncate_metrics(self, step: int) -> None:
-        """After a resume, drop records past the checkpoint (they will be written again) and any line
-        cut short by a kill."""
-        path = self.out / "metrics.jsonl"
-        if not path.exists():
-            return
-        records = _metrics_records(path)
-        dropped = len([line for line in path.read_text(encoding="utf-8", errors="replace").splitlines()
-                       if line.strip()]) - len(records)
-        if dropped:
-            self.log(f"dropped {dropped} unreadable line(s) of {path} (cut short by an interrupted run)")
-        _write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in records if r.get("step", 0) <= step))
+            self.run.append_metrics(record)
+        self.accelerator.log({k: v for k, v in scalars.items() if v is not None}, step=record["step"])
 
     def eval_records(self) -> list[dict]:
-        path = self.out / "metrics.jsonl"
-        return [r for r in _metrics_records(path) if "cer" in r] if path.exists() else []
+        return self.run.eval_records()
 
     def _print_eval_row(self, m: dict) -> None:
         if not getattr(self, "_printed_header", False):
@@ -690,59 +553,17 @@ class Trainer:
         self.log(f"{m['step']:>6} {m['cer']:>7.4f} {m['cer_nospace']:>7.4f} {m['wer']:>7.4f} {m['swer']:>7.4f} "
                  f"{m['eval_loss']:>7.4f} {m['eval_seconds']:>7.1f}")
 
-    def _plot_cer(self) -> None:
-        import matplotlib
+    def log(self, message: str) -> None:
+        if not hasattr(self, "accelerator") or self.accelerator.is_main_process:
+            from tqdm import tqdm
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+            tqdm.write(message, file=sys.stderr)
 
-        records = self.eval_records()
-        fig, ax = plt.subplots(figsize=(6, 3.5))
-        ax.plot([r["step"] for r in records], [r["cer"] for r in records], marker="o", label="CER")
-        ax.plot([r["step"] for r in records], [r["cer_nospace"] for r in records], marker=".", label="CER (no spaces)")
-        ax.set_xlabel("optimizer step")
-        ax.set_ylabel("dev error rate")
-        ax.set_title("dev CER per checkpoint")
-        ax.grid(alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
-        tmp = self.out / ".cer.png.tmp"
-        fig.savefig(tmp, format="png", dpi=100)
-        plt.close(fig)
-        os.replace(tmp, self.out / "cer.png")
-
-    def _tensorboard(self, metrics: dict) -> None:
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            return
-        if not hasattr(self, "_tb"):  # purge events past the step we resumed from
-            self._tb = SummaryWriter(str(self.out / "tb"), purge_step=self._resumed_step + 1)
-        for key in ("cer", "cer_nospace", "wer", "swer", "eval_loss"):
-            self._tb.add_scalar(f"dev/{key}", metrics[key], metrics["step"])
-        self._tb.flush()
-
-    def _write_run_info(self) -> None:
-        """``recipe.yaml`` (the resolved recipe, itself runnable) and ``run_info.json`` (how, where, with what)."""
-        from . import __version__
-        from .info import device_description, package_versions
-
-        recipe = self.out / "recipe.yaml"
-        header = (f"# asr-lora train {recipe}\n# resolved recipe of this run (defaults and overrides applied); "
-                  f"relative paths are relative to {os.getcwd()}\n")
-        revision, dirty = _git_revision()
-        info = {"command": sys.argv, "cwd": os.getcwd(), "seed": self.cfg.train.seed,
-                "mixed_precision": self.mixed_precision, "asr_lora": __version__,
-                "git_revision": revision, "git_dirty": dirty, "packages": package_versions(),
-                "python": platform.python_version(), "platform": platform.platform(),
-                "hardware": device_description(), "world_size": self.accelerator.num_processes,
-                "resumed_from_step": self.state.step,
-                "trainable_parameters": self.trainable, "total_parameters": self.total_params}
-        try:
-            _write_text_atomic(recipe, header + yaml.safe_dump(to_dict(self.cfg), sort_keys=False, allow_unicode=True))
-            _write_text_atomic(self.out / "run_info.json", json.dumps(info, indent=2))
-        except OSError as e:
-            raise TrainingError(_write_error(f"run records in {self.out}", e, self.out)) from e
+    def _test_pause(self, point: str, step: int) -> None:
+        """Test-only hook (``ASR_LORA_TEST_PAUSE=POINT@STEP``): mark the spot and wait to be killed."""
+        if os.environ.get(TEST_PAUSE_ENV) == f"{point}@{step}" and self.accelerator.is_main_process:
+            (self.out / TEST_PAUSE_MARKER).write_text(f"{point}@{step}\n")
+            time.sleep(600)
 
     def _seed_everything(self, seed: int) -> None:
         import numpy as np
@@ -752,33 +573,12 @@ class Trainer:
         torch.manual_seed(seed)
 
     def cleanup(self) -> None:
-        if hasattr(self, "_tb"):
-            self._tb.close()
         if hasattr(self, "accelerator"):
             self.accelerator.end_training()
-        if self._lock is not None:
-            self._lock.close()  # releases the flock
-            self._lock = None
+        self.run.close()
 
 
-def write_run_meta(folder: Path, cfg: RecipeConfig) -> None:
-    """``asr_lora.json`` beside the adapter: what later commands must apply without being told."""
-    meta = {"base_model": cfg.model.name, "audio_context": cfg.model.audio_context,
-            "language": cfg.model.language, "task": cfg.model.task, "quant": cfg.model.quant}
-    (folder / RUN_META).write_text(json.dumps(meta, indent=2))
-
-
-def checkpoint_steps(out: Path) -> list[int]:
-    """Steps of the complete ``step-NNNNNN`` folders, ascending (temporaries are hidden and never match)."""
-    if not out.is_dir():
-        return []
-    return sorted(int(m.group(1)) for p in out.iterdir() if p.is_dir() and (m := STEP_DIR.match(p.name))
-                  and (p / TRAINER_STATE).is_file())
-
-
-def latest_checkpoint(out: Path) -> Path | None:
-    steps = checkpoint_steps(out)
-    return out / f"step-{max(steps):06d}" if steps else None
+# --------------------------------------------------------------------------- helpers
 
 
 def load_tensors(path: Path, map_location=None):
@@ -792,66 +592,34 @@ def load_tensors(path: Path, map_location=None):
         raise UserError(f"{path} holds more than tensors and was not loaded (it could run code){why}") from None
 
 
-def _metrics_records(path: Path) -> list[dict]:
-    """The JSON objects of ``metrics.jsonl``; lines that do not parse (cut by a kill) are left out."""
-    records = []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict):
-            records.append(record)
-    return records
+def flat_config(cfg: RecipeConfig) -> dict:
+    """The recipe as ``section.key`` scalars, for trackers' hyperparameter tables."""
+    flat = {}
+    for section, values in to_dict(cfg).items():
+        for key, value in values.items():
+            flat[f"{section}.{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
+    return flat
 
 
-def _write_error(what: str, error: OSError, out: Path) -> str:
-    """One line for a failed write: what, why, and that earlier checkpoints are intact."""
-    reason = error.strerror or str(error)
-    hint = {errno.ENOSPC: "free some space", errno.EDQUOT: "free some space",
-            errno.EACCES: "fix the permissions", errno.EPERM: "fix the permissions",
-            errno.EROFS: "choose a writable train.output_dir"}.get(error.errno, "fix the cause")
-    return (f"could not write {what}: {reason}. Earlier checkpoints in {out} are intact; {hint}, then run "
-            "the same command again with --resume")
+def run_records(cfg: RecipeConfig, trainer: Trainer, out: Path) -> tuple[str, dict]:
+    """``recipe.yaml`` text (the resolved recipe, itself runnable) and ``run_info.json`` (how, where, with what)."""
+    from . import __version__
+    from .info import device_description, package_versions
+
+    header = (f"# asr-lora train {out / 'recipe.yaml'}\n# resolved recipe of this run (defaults and overrides "
+              f"applied); relative paths are relative to {os.getcwd()}\n")
+    revision, dirty = git_revision()
+    info = {"command": sys.argv, "cwd": os.getcwd(), "seed": cfg.train.seed,
+            "mixed_precision": trainer.mixed_precision, "asr_lora": __version__,
+            "git_revision": revision, "git_dirty": dirty, "packages": package_versions(),
+            "python": platform.python_version(), "platform": platform.platform(),
+            "hardware": device_description(), "world_size": trainer.accelerator.num_processes,
+            "resumed_from_step": trainer.state.step,
+            "trainable_parameters": trainer.trainable, "total_parameters": trainer.total_params}
+    return header + yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True), info
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def _replace_dir(src: Path, dst: Path) -> None:
-    """Move folder ``src`` to ``dst``, replacing it: at every moment one complete copy exists under
-    ``dst`` or ``.<dst>.old`` (which :meth:`Trainer._clean_temporaries` puts back after a kill)."""
-    old = dst.with_name(f".{dst.name}.old")
-    if dst.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.rename(dst, old)
-    os.rename(src, dst)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def _remove_dir(path: Path) -> None:
-    """Delete a checkpoint folder so that a kill half-way never leaves a partial ``step-*``: rename it
-    to a hidden temporary first."""
-    doomed = path.with_name(f".{path.name}.tmp-delete")
-    shutil.rmtree(doomed, ignore_errors=True)
-    try:
-        os.rename(path, doomed)
-    except FileNotFoundError:
-        return
-    shutil.rmtree(doomed, ignore_errors=True)
-
-
-def _fsync_dir(path: Path) -> None:
-    for f in path.iterdir():
-        if f.is_file():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-
-
-def _git_revision() -> tuple[str | None, bool | None]:
+def git_revision() -> tuple[str | None, bool | None]:
     """``(commit, whether the package's working tree has uncommitted changes)``, or Nones outside git."""
     here = Path(__file__).resolve().parent
 

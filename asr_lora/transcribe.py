@@ -36,7 +36,10 @@ from typing import TextIO
 import numpy as np
 
 from .audio import SAMPLE_RATE, AudioError, load_audio
+from .backends import DecodeOptions
+from .defaults import DEFAULT_MODEL, TRANSCRIBE_BATCH_SIZE
 from .errors import UserError
+from .sources import ModelSource
 
 FORMATS = ("txt", "srt", "vtt", "json", "tsv")
 AUDIO_SUFFIXES = frozenset({".wav", ".wave", ".flac", ".mp3", ".ogg", ".oga", ".opus", ".m4a", ".aac",
@@ -80,7 +83,7 @@ class Failure:
 
 def expand_inputs(paths: list[str]) -> tuple[list[Item], list[Failure]]:
     """Files as given, folders walked recursively (sorted), manifests row by row."""
-    from .data.manifest import BadRow, read_manifest
+    from .data.manifest import read_rows
 
     items, failures = [], []
     for raw in paths:
@@ -92,15 +95,12 @@ def expand_inputs(paths: list[str]) -> tuple[list[Item], list[Failure]]:
             items += [Item(str(p), str(p)) for p in found]
         elif path.suffix.lower() in MANIFEST_SUFFIXES and path.is_file():
             try:
-                rows = list(read_manifest(path))
+                rows, bad = read_rows(path, strict=False)
             except UserError as e:
                 failures.append(Failure(raw, str(e)))
                 continue
-            for row in rows:
-                if isinstance(row, BadRow):
-                    failures.append(Failure(f"{raw}:{row.line}", f"{row.reason} {row.detail}".strip()))
-                else:
-                    items.append(Item(row.id or f"{path.stem}-{row.line}", row.audio, row.offset, row.end, True))
+            failures += [Failure(f"{raw}:{b.line}", f"{b.reason} {b.detail}".strip()) for b in bad]
+            items += [Item(row.id, row.audio, row.offset, row.end, True) for row in rows]
         elif not path.exists():
             failures.append(Failure(raw, "no such file or folder"))
         else:
@@ -299,7 +299,7 @@ def _load(item: Item, failures: list[Failure]) -> np.ndarray | None:
         return None
 
 
-def transcribe_items(transcriber, items: list[Item], writer: Writer, *, batch_size: int = 8,
+def transcribe_items(transcriber, items: list[Item], writer: Writer, *, batch_size: int = TRANSCRIBE_BATCH_SIZE,
                      progress: bool = True, split: str = "auto") -> list[Failure]:
     """Transcribe ``items`` piece by piece in batches (pieces of several files share a batch),
     writing each transcript as soon as its last piece is done, in input order; returns the
@@ -349,17 +349,14 @@ def transcribe_items(transcriber, items: list[Item], writer: Writer, *, batch_si
     return failures
 
 
-def transcribe_paths(paths: list[str], *, model: str | None = None, adapter: str | None = None,
-                     merged: str | None = None, ct2: str | None = None, language: str | None = None,
-                     fmt: str = "txt", out: str | Path | None = None, batch_size: int = 8,
-                     max_new_tokens: int | None = None, progress: bool = True, stdout: TextIO | None = None,
-                     split: str = "auto") -> list[Failure]:
-    """Transcribe files, folders and manifests (see the module docstring); return the failures,
-    each already reported on stderr."""
-    from .backends import DEFAULT_MAX_NEW_TOKENS, DEFAULT_MODEL, load_transcriber
+def transcribe_paths(paths: list[str], source: ModelSource | None = None, options: DecodeOptions | None = None, *,
+                     fmt: str = "txt", out: str | Path | None = None, batch_size: int = TRANSCRIBE_BATCH_SIZE,
+                     progress: bool = True, stdout: TextIO | None = None, split: str = "auto") -> list[Failure]:
+    """Transcribe files, folders and manifests (see the module docstring) with ``source`` (default:
+    the bundled base); return the failures, each already reported on stderr."""
+    from .sources import load_transcriber
 
-    if model is None and adapter is None and merged is None and ct2 is None:
-        model = DEFAULT_MODEL
+    source = source or ModelSource("model", DEFAULT_MODEL)
     stdout = stdout or sys.stdout
     out = Path(out) if out else None
     items, failures = expand_inputs(paths)
@@ -369,9 +366,8 @@ def transcribe_paths(paths: list[str], *, model: str | None = None, adapter: str
         raise UserError(f"--format {fmt} with {len(items)} inputs needs --out DIR (one file per input)")
     n_unreadable = 0
     if items:
-        transcriber = load_transcriber(model, adapter, merged, ct2, language=language,
-                                       max_new_tokens=max_new_tokens or DEFAULT_MAX_NEW_TOKENS)
-        writer = Writer(fmt, out, transcriber.settings.language, stdout)
+        transcriber = load_transcriber(source, options)
+        writer = Writer(fmt, out, transcriber.language, stdout)
         try:
             unreadable = transcribe_items(transcriber, items, writer, batch_size=batch_size, progress=progress,
                                           split=split)

@@ -8,8 +8,8 @@ encoder's.
 
 The switch is per model instance: :func:`apply_audio_context` sets or removes an instance-level
 ``forward`` on the encoder module, so other models (and the class) keep the stock behaviour, and
-switching back leaves nothing behind. Generation must be given ``encoder_outputs`` (see
-:func:`encode`): ``WhisperForConditionalGeneration.generate`` zero-pads short ``input_features`` to
+switching back leaves nothing behind. Generation must be given ``encoder_outputs``:
+``WhisperForConditionalGeneration.generate`` zero-pads short ``input_features`` to
 3,000 frames, which is both slower and wrong (the extractor's silence value is not zero).
 """
 
@@ -23,8 +23,16 @@ from torch import nn
 
 AudioContext = Literal["full", "trimmed"]
 AUDIO_CONTEXTS = ("full", "trimmed")
-COLLATOR_PADDING = {"full": "max_length", "trimmed": "longest"}  # how a batch is padded in each mode
-FRAME_MULTIPLE = 2  # the encoder's second convolution has stride 2
+FRAME_MULTIPLE = 2  # the encoder's second convolution has stride 2: a trimmed input has an even frame count
+
+
+def feature_padding(mode: AudioContext) -> tuple[str, int | None]:
+    """``(padding, pad_to_multiple_of)`` of the log-mel features an encoder in ``mode`` takes: 30 s
+    windows (``"max_length"``) for "full", the batch's longest clip rounded up to
+    :data:`FRAME_MULTIPLE` frames for "trimmed"."""
+    if mode not in AUDIO_CONTEXTS:
+        raise ValueError(f"audio context must be one of {AUDIO_CONTEXTS}, got {mode!r}")
+    return ("longest", FRAME_MULTIPLE) if mode == "trimmed" else ("max_length", None)
 
 
 def _whisper_encoders(model: nn.Module) -> list[nn.Module]:
@@ -75,7 +83,3 @@ def audio_context_of(model: nn.Module) -> AudioContext:
     encoders = _whisper_encoders(model)
     return "trimmed" if encoders and "forward" in vars(encoders[0]) else "full"
 
-
-def encode(model: nn.Module, input_features: torch.Tensor):
-    """Encoder outputs for ``generate(encoder_outputs=...)`` and for ``model(encoder_outputs=...)``."""
-    return model.get_encoder()(input_features)

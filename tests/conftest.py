@@ -12,6 +12,20 @@ ASSETS = Path(__file__).resolve().parent / "assets"
 DEMO = REPO / "data" / "demo"
 
 
+def write_manifest(path: Path, rows: list[dict]) -> str:
+    """A JSONL manifest of ``rows`` at ``path`` (folders created); returns its path as a string."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return str(path)
+
+
+def make_row(id: str, audio, text: str, **fields):
+    """A typed manifest row (what training and evaluation read), for tests that build rows in memory."""
+    from asr_lora.data.manifest import ManifestRow
+
+    return ManifestRow(line=0, audio=str(audio), text=text, id=id, **fields)
+
+
 def bundled_ct2_data_dir() -> Path:
     """The CT2 package folder holding tokenizer.json / vocabulary.txt / config.json."""
     from asr_lora.bundled import BUNDLED, _package_dir

@@ -8,7 +8,7 @@ import torch
 from asr_lora.audio import load_audio, log_mel_spectrogram
 from asr_lora.data.collator import IGNORE_INDEX, WhisperCollator
 
-from .conftest import ASSETS
+from .conftest import ASSETS, make_row
 
 
 @pytest.fixture(scope="module")
@@ -19,10 +19,8 @@ def tokenizer(tiny_whisper):
 
 
 def rows():
-    return [
-        {"id": "a", "audio": str(ASSETS / "ko_greeting.flac"), "text": "안녕하세요"},
-        {"id": "b", "audio": str(ASSETS / "en_fox.flac"), "text": "the quick brown fox"},
-    ]
+    return [make_row("a", ASSETS / "ko_greeting.flac", "안녕하세요"),
+            make_row("b", ASSETS / "en_fox.flac", "the quick brown fox")]
 
 
 def test_labels_prefix_and_padding(tokenizer):
@@ -57,7 +55,7 @@ def test_max_length_mode_equals_feature_extractor_padding(tokenizer):
     batch = WhisperCollator(tokenizer, padding="max_length")(rows())
     assert batch["input_features"].shape == (2, 80, 3000)
     ref = WhisperFeatureExtractor(feature_size=80)(
-        [load_audio(r["audio"]) for r in rows()], sampling_rate=16000, return_tensors="pt").input_features
+        [load_audio(r.audio) for r in rows()], sampling_rate=16000, return_tensors="pt").input_features
     assert (batch["input_features"] - ref).abs().max() < 1e-4
     # silence padding is the extractor's value, not zeros
     assert batch["input_features"][0, :, -1].abs().min() > 0
@@ -65,7 +63,7 @@ def test_max_length_mode_equals_feature_extractor_padding(tokenizer):
 
 def test_longest_mode_pads_to_batch(tokenizer):
     batch = WhisperCollator(tokenizer, padding="longest", pad_to_multiple_of=8)(rows())
-    longest = max(len(load_audio(r["audio"])) for r in rows())
+    longest = max(len(load_audio(r.audio)) for r in rows())
     frames = batch["input_features"].shape[-1]
     assert frames % 8 == 0 and frames >= longest / 160 and frames < longest / 160 + 9
     full = WhisperCollator(tokenizer, padding="max_length")(rows())["input_features"]
@@ -76,9 +74,9 @@ def test_bad_rows_are_skipped_not_fatal(tokenizer, tmp_path):
     broken = tmp_path / "broken.flac"
     broken.write_bytes(b"garbage")
     data = rows() + [
-        {"id": "missing", "audio": str(tmp_path / "nope.wav"), "text": "없음"},
-        {"id": "broken", "audio": str(broken), "text": "깨짐"},
-        {"id": "long", "audio": str(ASSETS / "ko_greeting.flac"), "text": "가 " * 500},
+        make_row("missing", tmp_path / "nope.wav", "없음"),
+        make_row("broken", broken, "깨짐"),
+        make_row("long", ASSETS / "ko_greeting.flac", "가 " * 500),
     ]
     batch = WhisperCollator(tokenizer, max_label_tokens=448)(data)
     assert batch["ids"] == ["a", "b"]
@@ -88,9 +86,9 @@ def test_bad_rows_are_skipped_not_fatal(tokenizer, tmp_path):
 
 
 def test_segment_rows(tokenizer):
-    row = {"id": "seg", "audio": str(ASSETS / "ko_greeting.flac"), "text": "안녕", "offset": 0.5, "end": 1.5}
+    row = make_row("seg", ASSETS / "ko_greeting.flac", "안녕", offset=0.5, end=1.5)
     batch = WhisperCollator(tokenizer, padding="longest")([row])
     assert batch["n_frames"].tolist() == [100]
-    expected, _ = log_mel_spectrogram([load_audio(row["audio"], offset=0.5, end=1.5)], padding="longest",
+    expected, _ = log_mel_spectrogram([load_audio(row.audio, offset=0.5, end=1.5)], padding="longest",
                                       pad_to_multiple_of=2)
     assert torch.allclose(batch["input_features"], expected)

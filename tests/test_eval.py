@@ -11,8 +11,8 @@ import pytest
 from asr_lora.cli import _default_eval_dir, main
 from asr_lora.evaluate import SUMMARY_KEYS, hypothesis_loops
 
-from .conftest import ASSETS
-from .test_export import make_adapter, write_manifest
+from .conftest import ASSETS, make_row
+from .test_export import clips_manifest, make_adapter
 
 TOKENS = "4"
 UTTERANCE_KEYS = {"id", "audio", "duration", "ref", "hyp", "errors", "ref_chars", "cer", "cer_nospace", "wer", "loop"}
@@ -20,7 +20,7 @@ UTTERANCE_KEYS = {"id", "audio", "duration", "ref", "hyp", "errors", "ref_chars"
 
 @pytest.fixture(scope="module")
 def manifest(tmp_path_factory) -> Path:
-    return write_manifest(tmp_path_factory.mktemp("data") / "dev.jsonl")
+    return clips_manifest(tmp_path_factory.mktemp("data") / "dev.jsonl")
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +77,7 @@ def test_backends_agree(results):
 def test_bad_rows_are_skipped_with_reasons(tiny_whisper, tmp_path, capsys):
     broken = tmp_path / "broken.flac"
     broken.write_bytes(b"not audio")
-    manifest = write_manifest(tmp_path / "m.jsonl", [("good", "ko_greeting.flac", "안녕하세요")])
+    manifest = clips_manifest(tmp_path / "m.jsonl", [("good", "ko_greeting.flac", "안녕하세요")])
     with open(manifest, "a", encoding="utf-8") as fh:
         fh.write(json.dumps({"id": "bad", "audio": str(broken), "text": "x"}) + "\n")
         fh.write(json.dumps({"id": "gone", "audio": str(tmp_path / "missing.flac"), "text": "x"}) + "\n")
@@ -101,9 +101,13 @@ def test_hypothesis_loops():
 
 
 def test_default_eval_dir_names():
-    assert _default_eval_dir({"model": "bundled:whisper-base"}, "data/demo/dev.jsonl") == Path("eval-whisper-base-dev")
-    assert _default_eval_dir({"adapter": "runs/demo/best"}, "x/test.jsonl") == Path("eval-demo-best-test")
-    assert _default_eval_dir({"ct2": "exports/kspon-int8"}, "eval_clean.jsonl") == Path("eval-kspon-int8-eval_clean")
+    from asr_lora.sources import ModelSource
+
+    assert _default_eval_dir(ModelSource("model", "bundled:whisper-base"), "data/demo/dev.jsonl") == \
+        Path("eval-whisper-base-dev")
+    assert _default_eval_dir(ModelSource("adapter", "runs/demo/best"), "x/test.jsonl") == Path("eval-demo-best-test")
+    assert _default_eval_dir(ModelSource("ct2", "exports/kspon-int8"), "eval_clean.jsonl") == \
+        Path("eval-kspon-int8-eval_clean")
 
 
 def test_eval_of_nothing_is_an_error(tiny_whisper, tmp_path, capsys):
@@ -119,31 +123,34 @@ def test_evaluate_rows_batches_by_length_and_returns_rows_in_order(tiny_whisper,
     own reference; an unreadable row in the middle is skipped without shifting the others."""
     from transformers import WhisperForConditionalGeneration, WhisperProcessor
 
-    from asr_lora.data.collator import WhisperCollator
-    from asr_lora.evaluate import _length_key, evaluate_rows
+    from asr_lora.backends import DecodeOptions, HFTranscriber
+    from asr_lora.data.manifest import length_hint
+    from asr_lora.evaluate import evaluate_rows
+    from asr_lora.settings import ModelSettings
     from asr_lora.trimmed import apply_audio_context
 
     model = WhisperForConditionalGeneration.from_pretrained(tiny_whisper)
     apply_audio_context(model, "trimmed")
     tokenizer = WhisperProcessor.from_pretrained(tiny_whisper).tokenizer
+    transcriber = HFTranscriber(model, tokenizer, ModelSettings(audio_context="trimmed"),
+                                DecodeOptions(max_new_tokens=3))
     seen = []
+    decode = transcriber.decode
+    transcriber.decode = lambda audios, references=None, on_encoded=None: (  # noqa: E731
+        seen.append(list(references)) or decode(audios, references, on_encoded))
 
-    def collate(rows):
-        seen.append([r["id"] for r in rows])
-        return WhisperCollator(tokenizer, padding="longest")(rows)
-
-    rows = [{"id": "long", "audio": str(ASSETS / "ko_finetune.flac"), "text": "둘", "duration": 9.0},
-            {"id": "missing", "audio": str(tmp_path / "nope.flac"), "text": "없음", "duration": 5.0},
-            {"id": "short", "audio": str(ASSETS / "ko_greeting.flac"), "text": "하나", "duration": 1.0},
-            {"id": "mid", "audio": str(ASSETS / "en_fox.flac"), "text": "셋", "duration": 3.0}]
-    result = evaluate_rows(model, tokenizer, collate, rows, batch_size=2, max_new_tokens=3)
-    assert seen == [["short", "mid"], ["missing", "long"]]
+    rows = [make_row("long", ASSETS / "ko_finetune.flac", "둘", duration=9.0),
+            make_row("missing", tmp_path / "nope.flac", "없음", duration=5.0),
+            make_row("short", ASSETS / "ko_greeting.flac", "하나", duration=1.0),
+            make_row("mid", ASSETS / "en_fox.flac", "셋", duration=3.0)]
+    result = evaluate_rows(transcriber, rows, batch_size=2)
+    assert seen == [["하나", "셋"], ["둘"]]  # batches [short, mid], [missing, long]; missing left out
     assert result.ids == ["long", "short", "mid"]
     assert result.refs == ["둘", "하나", "셋"]
-    assert [uid for uid, _ in result.skipped] == ["missing"]
+    assert [s["id"] for s in result.skipped] == ["missing"]
     assert len(result.hyps) == 3
-    alone = evaluate_rows(model, tokenizer, collate, [rows[2]], batch_size=1, max_new_tokens=3)
+    alone = evaluate_rows(transcriber, [rows[2]], batch_size=1)
     assert alone.hyps == [result.hyps[1]]  # "short" got its own transcript back
     # without durations, text length orders the batches; segments use end - offset
-    assert _length_key({"text": "가나다"}) < _length_key({"text": "가나다라마바"})
-    assert _length_key({"text": "x", "offset": 2.0, "end": 2.5, "duration": 60.0}) == 0.5
+    assert length_hint(make_row("a", "x", "가나다")) < length_hint(make_row("b", "x", "가나다라마바"))
+    assert length_hint(make_row("c", "x", "x", offset=2.0, end=2.5, duration=60.0)) == 0.5

@@ -13,7 +13,7 @@ import torch
 from asr_lora.cli import main
 from asr_lora.errors import UserError
 
-from .conftest import ASSETS, DEMO, build_tiny_whisper
+from .conftest import ASSETS, DEMO, build_tiny_whisper, write_manifest
 
 TOKENS = "4"  # generation cap: the random tiny model never stops by itself
 MERGE_KEYS = {"n", "transcripts_identical", "max_abs_logit_diff", "tolerance", "dtype", "passed", "mismatches"}
@@ -30,8 +30,10 @@ def make_adapter(base: Path, out: Path, seed: int = 0, scale: float = 0.05) -> P
     from transformers import WhisperForConditionalGeneration
 
     model = WhisperForConditionalGeneration.from_pretrained(base)
-    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                                                  lora_dropout=0.0))
+    with torch.random.fork_rng():  # lora_A's init draws from the global RNG: seed it, so test order never matters
+        torch.manual_seed(seed)
+        peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                      lora_dropout=0.0))
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in peft_model.named_parameters():
@@ -43,17 +45,15 @@ def make_adapter(base: Path, out: Path, seed: int = 0, scale: float = 0.05) -> P
     return out
 
 
-def write_manifest(path: Path, clips=CLIPS) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    lines = [json.dumps({"id": uid, "audio": str(ASSETS / name), "text": text}, ensure_ascii=False)
-             for uid, name, text in clips]
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return path
+def clips_manifest(path: Path, clips=CLIPS) -> Path:
+    """A manifest of (id, asset file name, text) clips from tests/assets."""
+    return Path(write_manifest(path, [{"id": uid, "audio": str(ASSETS / name), "text": text}
+                                      for uid, name, text in clips]))
 
 
 @pytest.fixture(scope="module")
 def manifest(tmp_path_factory) -> Path:
-    return write_manifest(tmp_path_factory.mktemp("data") / "dev.jsonl")
+    return clips_manifest(tmp_path_factory.mktemp("data") / "dev.jsonl")
 
 
 @pytest.fixture(scope="module")
@@ -183,8 +183,9 @@ def test_default_parity_data_follows_the_recipe(tmp_path, manifest):
 
 def test_merge_records_trimmed_audio_context(adapter, manifest, tmp_path):
     """asr_lora.json saying trimmed is applied (parity runs trimmed) and copied to the merged folder."""
-    from asr_lora.backends import load_transcriber
+    from asr_lora.backends import DecodeOptions
     from asr_lora.export import merge_adapter
+    from asr_lora.sources import ModelSource, load_transcriber
 
     ckpt = tmp_path / "step-000001"
     shutil.copytree(adapter, ckpt)
@@ -195,7 +196,7 @@ def test_merge_records_trimmed_audio_context(adapter, manifest, tmp_path):
     settings = json.loads((tmp_path / "merged" / "asr_lora.json").read_text())
     assert settings["audio_context"] == "trimmed"
     assert "quant" not in settings and settings["trained_quant"] == "8bit"  # merged weights are never 8-bit
-    transcriber = load_transcriber(merged=tmp_path / "merged", max_new_tokens=2)
+    transcriber = load_transcriber(ModelSource("merged", str(tmp_path / "merged")), DecodeOptions(max_new_tokens=2))
     assert transcriber.padding == "longest"
     assert transcriber.features([torch.zeros(16000).numpy()]).shape[-1] == 100  # 1 s, not 30 s
 
@@ -273,7 +274,7 @@ def test_real_adapter_merge_and_int8_export(bundled_base, tmp_path):
     adapter = make_adapter(bundled_base, tmp_path / "run" / "step-000001", scale=0.001)
     (adapter / "asr_lora.json").write_text(json.dumps({"audio_context": "trimmed", "language": "en",
                                                        "task": "transcribe", "base_model": str(bundled_base)}))
-    data = write_manifest(tmp_path / "dev.jsonl", [
+    data = clips_manifest(tmp_path / "dev.jsonl", [
         ("fox", "en_fox.flac", "The quick brown fox jumps over the lazy dog."),
         ("callback", "en_callback.flac", "Please call me back tomorrow morning, I will be at home.")])
     quiet = lambda *_: None  # noqa: E731

@@ -15,7 +15,7 @@ from asr_lora.data.manifest import (
     REASONS,
     BadRow,
     ManifestRow,
-    load_manifest_dataset,
+    read_rows,
     prepare_manifest,
     read_manifest,
     to_manifest_rows,
@@ -294,19 +294,13 @@ def test_to_manifest_rows_dispatches(tmp_path):
         to_manifest_rows(tmp_path / "empty_dir")
 
 
-@pytest.mark.parametrize("streaming", [False, True])
-def test_load_manifest_dataset_absolute_paths_offline(mixed, tmp_path, monkeypatch, streaming):
-    import datasets
-
-    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+def test_read_rows_absolute_paths_typed_ids(mixed):
+    """Training and evaluation read a prepared manifest as typed rows, audio absolute, ids filled in."""
     _, out, report = mixed
-    ds = load_manifest_dataset(out / "mixed.jsonl", streaming=streaming, cache_dir=str(tmp_path / "cache"))
-    assert isinstance(ds, datasets.IterableDataset if streaming else datasets.Dataset)
-    rows = list(ds)
-    assert len(rows) == report["kept"]
+    rows, bad = read_rows(out / "mixed.jsonl")
+    assert bad == [] and len(rows) == report["kept"]
     for row in rows:
-        assert os.path.isabs(row["audio"]) and os.path.isfile(row["audio"])
-    assert rows[4]["offset"] == 10.0 and rows[0]["offset"] is None  # columns typed, absent -> None
-    assert rows[1]["speaker"] == "s1" and rows[0]["language"] == "ko"
-    assert len(load_audio(rows[4]["audio"], rows[4]["offset"], rows[4]["end"])) == 5 * 16000
+        assert os.path.isabs(row.audio) and os.path.isfile(row.audio) and row.id
+    assert rows[4].offset == 10.0 and rows[0].offset is None  # typed, absent -> None
+    assert rows[1].extra["speaker"] == "s1" and rows[0].language == "ko"
+    assert len(load_audio(rows[4].audio, rows[4].offset, rows[4].end)) == 5 * 16000

@@ -28,20 +28,18 @@ import yaml
 
 from asr_lora.config import ConfigError, LoraConfig, ModelConfig, load_recipe, to_dict
 from asr_lora.errors import UserError
+from asr_lora.runfolder import TRAINER_STATE, checkpoint_steps, latest_checkpoint
 from asr_lora.train import (
     TEST_PAUSE_ENV,
     TEST_PAUSE_MARKER,
-    TRAINER_STATE,
     Trainer,
     TrainingError,
-    checkpoint_steps,
-    latest_checkpoint,
     resolve_mixed_precision,
     run_training,
 )
 
-from .conftest import DEMO, REPO
-from .test_train import lora_weights, losses, recipe, small_data, write_manifest  # noqa: F401 (fixture)
+from .conftest import DEMO, REPO, write_manifest
+from .test_train import lora_weights, losses, recipe, small_data  # noqa: F401 (fixture)
 
 # 8 train rows in batches of 2: one epoch is 4 steps. A checkpoint every step, CER every 3; one dev
 # row per eval batch, so that a test can stop the run between two eval batches.

@@ -9,14 +9,10 @@ import pytest
 import torch
 
 from asr_lora.config import load_recipe
-from asr_lora.train import Trainer, latest_checkpoint, length_grouped_batches, run_training
+from asr_lora.runfolder import latest_checkpoint
+from asr_lora.train import Trainer, length_grouped_batches, run_training
 
-from .conftest import DEMO, REPO
-
-
-def write_manifest(path: Path, rows: list[dict]) -> str:
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    return str(path)
+from .conftest import DEMO, REPO, write_manifest
 
 
 @pytest.fixture(scope="module")
@@ -155,7 +151,7 @@ def test_adapter_loads_with_peft(tiny_whisper, small_data, tmp_path):
 def test_non_finite_loss_stops_with_clear_error(tiny_whisper, small_data, tmp_path, monkeypatch):
     from asr_lora.train import TrainingError
 
-    monkeypatch.setattr("asr_lora.evaluate.token_loss_sum",
+    monkeypatch.setattr("asr_lora.train.token_loss_sum",
                         lambda logits, labels: (logits.sum() * float("nan"), int((labels != -100).sum())))
     cfg = recipe(tiny_whisper, small_data, tmp_path / "nan", "train.max_steps=5", "train.max_bad_steps=2",
                  "train.batch_size=2")

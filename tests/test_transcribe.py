@@ -16,7 +16,7 @@ from asr_lora.cli import main
 from asr_lora.transcribe import Item, Writer, _timestamp, pause_points, split_points, transcribe_items
 
 from .conftest import ASSETS
-from .test_export import make_adapter, write_manifest
+from .test_export import clips_manifest, make_adapter
 
 TOKENS = "3"
 SRT_TIME = re.compile(r"^(\d\d):(\d\d):(\d\d),(\d\d\d) --> (\d\d):(\d\d):(\d\d),(\d\d\d)$")
@@ -248,7 +248,7 @@ def test_folder_is_searched_recursively(tiny_whisper, tmp_path, capsys):
 
 
 def test_manifest_input_names_outputs_by_id(tiny_whisper, tmp_path, capsys):
-    manifest = write_manifest(tmp_path / "m.jsonl")
+    manifest = clips_manifest(tmp_path / "m.jsonl")
     code, _, _ = run([manifest, "--model", tiny_whisper, "--format", "json", "--out", tmp_path / "out"], capsys)
     assert code == 0
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["en-fox.json", "ko-finetune.json",
@@ -271,10 +271,11 @@ def test_srt_to_stdout_needs_a_single_input(tiny_whisper, capsys):
 def test_only_one_model_source(tiny_whisper, tmp_path):
     with pytest.raises(SystemExit):
         main(["transcribe", "x.wav", "--model", str(tiny_whisper), "--ct2", str(tmp_path)])
-    from asr_lora.backends import load_transcriber
-    from asr_lora.errors import UserError
+    import argparse
 
-    with pytest.raises(UserError, match="exactly one"):
-        load_transcriber(model=str(tiny_whisper), merged=str(tmp_path))
-    with pytest.raises(UserError, match="exactly one"):
-        load_transcriber()
+    from asr_lora.errors import UserError
+    from asr_lora.sources import ModelSource, source_from_args
+
+    with pytest.raises(UserError, match="give one of --model, --adapter, --merged, --ct2, not 2"):
+        source_from_args(argparse.Namespace(source_model=str(tiny_whisper), source_merged=str(tmp_path)))
+    assert source_from_args(argparse.Namespace()) == ModelSource("model", "bundled:whisper-base")

@@ -7,7 +7,11 @@ import copy
 import pytest
 import torch
 
-from asr_lora.trimmed import apply_audio_context, audio_context_of, encode
+from asr_lora.trimmed import apply_audio_context, audio_context_of
+
+
+def encode(model, features):
+    return model.get_encoder()(features)
 
 
 @pytest.fixture(scope="module")

@@ -12,11 +12,13 @@ shifts labels right), padded with -100 so padding never counts in the loss.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Sequence
 
 import torch
 
-from ..audio import AudioError, load_audio, log_mel_spectrogram
+from ..audio import AudioError, log_mel_spectrogram
+from ..trimmed import FRAME_MULTIPLE
+from .manifest import ManifestRow, load_row_audio
 
 IGNORE_INDEX = -100
 MAX_LABEL_TOKENS = 448  # Whisper's decoder positions
@@ -24,7 +26,7 @@ MAX_LABEL_TOKENS = 448  # Whisper's decoder positions
 
 @dataclass
 class WhisperCollator:
-    """Turn rows ``{"audio": path | array, "text": str, "id"?, "offset"?, "end"?}`` into a model batch.
+    """Turn manifest rows (:class:`ManifestRow`, ids filled in) into a model batch.
 
     Rows whose audio cannot be read (missing, truncated, corrupt, a bad ``offset``/``end``) or whose
     label is longer than ``max_label_tokens`` are left out of the batch and listed in
@@ -48,36 +50,28 @@ class WhisperCollator:
         self.tokenizer.set_prefix_tokens(language=self.language, task=self.task, predict_timestamps=False)
         self._prefix = list(self.tokenizer.prefix_tokens)
         if self.pad_to_multiple_of is None and self.padding == "longest":
-            self.pad_to_multiple_of = 2  # the encoder's stride-2 conv halves frames: keep them even
+            self.pad_to_multiple_of = FRAME_MULTIPLE
 
     def label_ids(self, text: str) -> list[int]:
         """Token ids the decoder must predict: prefix (minus <|startoftranscript|>), text, <|endoftext|>."""
         ids = self._prefix + self.tokenizer.encode(text.strip(), add_special_tokens=False)
         return ids[1:] + [self.tokenizer.eos_token_id]
 
-    def __call__(self, rows: list[dict]) -> dict:
+    def __call__(self, rows: Sequence[ManifestRow]) -> dict:
         audios, labels, ids, skipped = [], [], [], []
-        for i, row in enumerate(rows):
-            uid = str(row.get("id", i))
-            label = self.label_ids(row["text"])
+        for row in rows:
+            label = self.label_ids(row.text)
             if len(label) + 1 > self.max_label_tokens:  # +1: the start token the model prepends
-                skipped.append((uid, f"label has {len(label) + 1} tokens, more than {self.max_label_tokens}"))
+                skipped.append((row.id, f"label has {len(label) + 1} tokens, more than {self.max_label_tokens}"))
                 continue
             try:
-                audio = row["audio"]
-                if isinstance(audio, (str, bytes)) or hasattr(audio, "__fspath__"):
-                    audio = load_audio(audio, offset=row.get("offset"), end=row.get("end"))
-                elif isinstance(audio, dict):  # datasets Audio feature
-                    audio = _from_datasets_audio(audio, uid)
+                audio = load_row_audio(row)
             except AudioError as e:
-                skipped.append((uid, str(e)))
-                continue
-            except ValueError as e:  # offset/end that select no segment (a manifest not from 'prepare')
-                skipped.append((uid, f"{row['audio']}: bad segment ({e})"))
+                skipped.append((row.id, str(e)))
                 continue
             audios.append(torch.as_tensor(audio, dtype=torch.float32))
             labels.append(label)
-            ids.append(uid)
+            ids.append(row.id)
         batch: dict = {"ids": ids, "skipped": skipped}
         if not audios:
             return batch
@@ -91,19 +85,3 @@ class WhisperCollator:
         width = max(len(label) for label in labels)
         batch["labels"] = torch.tensor([label + [IGNORE_INDEX] * (width - len(label)) for label in labels])
         return batch
-
-
-def _from_datasets_audio(audio: dict, uid: str):
-    """A ``datasets`` Audio value (``{"array", "sampling_rate"}``) as 16 kHz mono float32."""
-    import librosa
-    import numpy as np
-
-    from ..audio import SAMPLE_RATE
-
-    array = np.asarray(audio.get("array"), dtype=np.float32)
-    if array.size == 0:
-        raise AudioError(audio.get("path") or uid, "empty audio")
-    if array.ndim > 1:
-        array = array.mean(axis=0)
-    sr = int(audio.get("sampling_rate") or SAMPLE_RATE)
-    return librosa.resample(array, orig_sr=sr, target_sr=SAMPLE_RATE) if sr != SAMPLE_RATE else array

@@ -33,6 +33,7 @@ from typing import Callable, Iterable, Iterator, NamedTuple
 
 from tqdm import tqdm
 
+from asr_lora.atomic import atomic_file, write_json_atomic
 from asr_lora.data import _chunks
 from asr_lora.errors import DataError, UserError
 from asr_lora.text import KSPON_SIDES, clean_kspon_transcript, is_noise_only
@@ -223,10 +224,9 @@ def _write_split(
 ) -> dict:
     """Stream rows into ``OUT/split.jsonl`` (via ``.partial``) and return the split's stats."""
     final = out / f"{split}.jsonl"
-    tmp = out / f"{split}.jsonl.partial"
     kept, seconds, odd = 0, 0.0, 0
     dropped, noise_ids = [], []
-    with open(tmp, "w", encoding="utf-8") as f, tqdm(
+    with atomic_file(final) as f, tqdm(
         total=total, desc=f"kspon {split}", unit="utt", disable=not progress
     ) as bar:
         for chunk in results:
@@ -244,7 +244,6 @@ def _write_split(
                 seconds += row["duration"]
                 odd += result["odd"]
             bar.update(len(chunk))
-    os.replace(tmp, final)
     return {
         "manifest": final.name,
         "utterances": kept,
@@ -266,11 +265,7 @@ def _load_report(path: Path) -> dict:
 
 
 def _save_report(path: Path, report: dict) -> None:
-    tmp = path.with_name(path.name + ".partial")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(report, f, ensure_ascii=False, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
+    write_json_atomic(path, report)
 
 
 def _totals(splits: dict) -> dict:

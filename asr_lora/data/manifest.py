@@ -34,16 +34,16 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping, NamedTuple
+from typing import Any, Iterable, Iterator, Mapping, NamedTuple
 
 from tqdm import tqdm
 
-from asr_lora.audio import AudioError, audio_info, load_audio
+import numpy as np
+
+from asr_lora.atomic import atomic_file, write_json_atomic
+from asr_lora.audio import SAMPLE_RATE, AudioError, audio_info, load_audio
 from asr_lora.data import _chunks
 from asr_lora.errors import UserError
-
-if TYPE_CHECKING:
-    import datasets
 
 REPORT_NAME = "prepare_report.json"
 REASONS = (
@@ -65,12 +65,7 @@ METADATA_NAMES = ("metadata.jsonl", "metadata.csv")  # audiofolder metadata, in 
 SEGMENT_TOLERANCE = 0.01  # seconds an ``end`` may pass the end of the file (rounding in annotations)
 TEXT_BATCH = 256  # rows tokenised together
 PRECISION = 3  # decimals of the durations written
-INFER_BYTES = 10 << 20  # manifest bytes read to type the extra columns (the JSON builder's chunk)
 
-# Column types of a manifest for ``datasets`` (declared, so a key missing from the first 10 MB the
-# JSON builder infers from still gets the right type).
-COLUMN_TYPES = {"id": "string", "audio": "string", "text": "string", "duration": "float64",
-                "offset": "float64", "end": "float64", "language": "string"}
 
 
 @dataclass(frozen=True)
@@ -459,69 +454,70 @@ def _estimate_rows(path: Path, fmt: str) -> int | None:
     return max(_count_lines(path) - has_header, 0)
 
 
-# --- loading for training -----------------------------------------------------------------------
+# --- rows for training, evaluation and transcription ---------------------------------------------
 
 
-def _absolute_audio(batch: dict, base: str) -> dict:
-    return {"audio": [os.path.abspath(os.path.join(base, a)) if a else a for a in batch["audio"]]}
+def default_id(row: ManifestRow, stem: str) -> str:
+    """The one id rule: the row's own ``id``, else ``<manifest stem>-<line>``."""
+    return row.id if row.id else f"{stem}-{row.line}"
 
 
-def _manifest_features(path: Path):
-    """Declared column types: COLUMN_TYPES, plus the other keys of the first rows typed from their
-    values (the JSON builder infers from its first 10 MB the same way); ``None`` if unsure."""
-    import datasets
+def read_rows(path: str | os.PathLike, strict: bool = True) -> tuple[list[ManifestRow], list[BadRow]]:
+    """The rows of a JSONL manifest with their ids filled in (:func:`default_id`), and its bad lines.
 
-    kinds: dict[str, set[str]] = {}
-    read = 0
-    for _, record in _json_records(path):
-        if isinstance(record, BadRow):
-            return None
-        for key, value in record.items():
-            if key not in COLUMN_TYPES:
-                kinds.setdefault(key, set()).add(_value_kind(value))
-        read += len(json.dumps(record, ensure_ascii=False).encode()) + 1
-        if read >= INFER_BYTES:
-            break
-    types = dict(COLUMN_TYPES)
-    for key, seen in kinds.items():
-        seen.discard("null")
-        if seen == {"int64", "float64"}:
-            seen = {"float64"}
-        if len(seen) > 1 or seen & {"nested"}:
-            return None  # let the builder infer (and complain) itself
-        types[key] = seen.pop() if seen else "string"
-    return datasets.Features({k: datasets.Value(t) for k, t in types.items()})
-
-
-def _value_kind(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "bool"
-    if isinstance(value, int):
-        return "int64"
-    if isinstance(value, float):
-        return "float64"
-    return "string" if isinstance(value, str) else "nested"
-
-
-def load_manifest_dataset(
-    path: str | os.PathLike, streaming: bool = False, cache_dir: str | None = None
-) -> datasets.Dataset | datasets.IterableDataset:
-    """A manifest as a ``datasets.Dataset`` (or ``IterableDataset`` when ``streaming``).
-
-    Uses the local ``json`` builder (no hub access) and makes ``audio`` absolute, so training
-    can read manifests of any size the same way. Column types are declared: every standard
-    column exists (``None`` where a row lacks it), so ``offset`` is a float even when the first
-    rows have none; an extra key must appear in the first 10 MB of the file.
+    ``strict`` (training): any bad line, or no row at all, is an error that says how to clean the
+    manifest; otherwise (evaluation, transcription) bad lines are returned for the caller to report.
     """
-    import datasets
+    from dataclasses import replace
 
-    path = _check_file(Path(path), "manifest")
-    ds = datasets.load_dataset("json", data_files=str(path), split="train", streaming=streaming,
-                               features=_manifest_features(path), cache_dir=cache_dir)
-    kwargs = {} if streaming else {"desc": "absolute audio paths"}
-    return ds.map(_absolute_audio, batched=True, fn_kwargs={"base": str(path.parent)}, **kwargs)
+    path = Path(path)
+    rows: list[ManifestRow] = []
+    bad: list[BadRow] = []
+    for row in read_manifest(path):
+        if isinstance(row, BadRow):
+            bad.append(row)
+        else:
+            rows.append(replace(row, id=default_id(row, path.stem)))
+    if strict and bad:
+        first = bad[0]
+        raise UserError(f"{path}: {len(bad)} bad row(s), first at line {first.line}: {first.reason} "
+                        f"{first.detail}; clean it with 'asr-lora prepare manifest {path} --out DIR'")
+    if strict and not rows:
+        raise UserError(f"{path}: no rows")
+    return rows, bad
+
+
+def load_row_audio(row: ManifestRow, max_seconds: float | None = None) -> np.ndarray:
+    """The row's clip (its ``offset``/``end`` segment) as 16 kHz mono float32; an ``AudioError``
+    naming the file when it cannot be read, selects nothing, or is longer than ``max_seconds``."""
+    try:
+        audio = load_audio(row.audio, offset=row.offset, end=row.end)
+    except ValueError as e:  # offset/end that select no segment (a manifest not from 'prepare')
+        raise AudioError(row.audio, f"bad segment ({e})") from None
+    if max_seconds is not None and len(audio) > max_seconds * SAMPLE_RATE:
+        raise AudioError(row.audio, f"longer than {max_seconds:g} s ({len(audio) / SAMPLE_RATE:.1f} s)")
+    return audio
+
+
+def length_hint(row: ManifestRow) -> float:
+    """Seconds of a row for batching: the segment or clip duration when the manifest gives it, else
+    the text length (a duration proxy at about 0.2 s per character)."""
+    if row.end is not None and row.offset is not None:
+        return row.end - row.offset
+    if row.duration:
+        return row.duration
+    return 0.2 * len(row.text or "")
+
+
+def label_tokenizer(model: str):
+    """The model's Whisper tokenizer with the Korean transcription prefix, for label lengths."""
+    from transformers import WhisperTokenizer
+
+    from asr_lora.bundled import resolve_model
+
+    tokenizer = WhisperTokenizer.from_pretrained(resolve_model(model))
+    tokenizer.set_prefix_tokens(language="ko", task="transcribe", predict_timestamps=False)
+    return tokenizer
 
 
 # --- validation ---------------------------------------------------------------------------------
@@ -661,14 +657,6 @@ def _summary_line(kept: int, total: int, hours: float, by_reason: Counter, warni
     return line
 
 
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".partial")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, ensure_ascii=False, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
 def prepare_manifest(
     input: Path,
     out: Path,
@@ -687,18 +675,15 @@ def prepare_manifest(
     downmixes and resamples) and only counted. Raises ``UserError`` only when the input as a
     whole is missing or unreadable. Returns the report.
     """
-    from asr_lora.model import load_processor
-
     input_path = Path(os.path.abspath(input))
     out = Path(os.path.abspath(out))
     fmt = source_format(input_path)
     stem = input_path.name if input_path.is_dir() else input_path.stem
     rows = to_manifest_rows(input_path, audio_dir=out / "audio")  # raises UserError before any work
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = load_processor(str(model)).tokenizer
+    tokenizer = label_tokenizer(str(model))
 
     manifest_path = out / f"{stem}.jsonl"
-    tmp = manifest_path.with_name(manifest_path.name + ".partial")
     dropped: list[dict] = []
     by_reason: Counter = Counter()
     sample_rates: Counter = Counter()
@@ -709,7 +694,7 @@ def prepare_manifest(
     seconds = 0.0
     verdicts = validate_rows(rows, tokenizer, max_label_tokens, max_duration, workers)
     try:
-        with open(tmp, "w", encoding="utf-8") as f, tqdm(
+        with atomic_file(manifest_path) as f, tqdm(
             total=_estimate_rows(input_path, fmt), desc=f"checking {stem}", unit="row", disable=not progress
         ) as bar:
             for row, verdict in verdicts:
@@ -720,7 +705,7 @@ def prepare_manifest(
                     dropped.append({"line": row.line, "audio": row.audio, "reason": verdict.reason,
                                     "detail": verdict.detail})
                     continue
-                row_id = row.id if row.id is not None else f"{stem}-{row.line}"
+                row_id = default_id(row, stem)
                 if row_id in first_line_of_id:
                     warnings.append({"kind": "duplicate_id", "id": row_id, "line": row.line,
                                      "first_line": first_line_of_id[row_id]})
@@ -734,10 +719,8 @@ def prepare_manifest(
                 channels[str(verdict.channels)] += 1
             bar.total = total  # the estimate counted blank lines and multi-line CSV records
             bar.refresh()
-        os.replace(tmp, manifest_path)
     finally:
         verdicts.close()
-        tmp.unlink(missing_ok=True)
 
     hours = seconds / 3600
     warning_counts = Counter(w["kind"] for w in warnings)
@@ -760,5 +743,5 @@ def prepare_manifest(
         "warnings": warnings,
         "dropped_rows": dropped,
     }
-    _write_json(out / REPORT_NAME, report)
+    write_json_atomic(out / REPORT_NAME, report)
     return report

@@ -4,7 +4,7 @@ CER parity check).
 ``merge``: the base is loaded unquantised (fp32) whatever the training used, the LoRA weights are
 folded in with peft's ``merge_and_unload``, and the result is cast to ``dtype`` and saved as
 safetensors with its processor, a generation config that forces Korean transcription (or the
-checkpoint's language) and ``asr_lora.json``. The saved folder is then reloaded and compared with the
+checkpoint's language) and its settings (:mod:`asr_lora.settings`). The saved folder is then reloaded and compared with the
 unmerged adapter at the same precision on a few dev clips: greedy token ids must be identical and
 teacher-forced logits within :data:`LOGIT_TOLERANCE`.
 
@@ -113,10 +113,25 @@ def parity_clips(manifest: Path, n: int) -> tuple[list[Clip], list[dict]]:
 # --------------------------------------------------------------------------- folders
 
 
-def _check_out(out: Path) -> None:
+def _prepare(out: Path, source: Path, data: str | Path | None, n_clips: int) -> tuple[Path, list[Clip], list[dict]]:
+    """Refuse an existing ``out``; the parity manifest (``data``, else the default for ``source``), its
+    clips and the rows skipped."""
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"{out} already exists; remove it or choose another --out")
     out.parent.mkdir(parents=True, exist_ok=True)
+    manifest = Path(data) if data else default_parity_data(source)
+    return (manifest, *parity_clips(manifest, n_clips))
+
+
+def _finish(work: Path, out: Path, report: dict, report_name: str, heavy: tuple[str, ...], failure: str,
+            hint: str = "") -> dict:
+    """The shared end of merge and export-ct2: ``work`` becomes ``out`` when the check passed, else only
+    its report stays, in ``<out>.failed/``, and :class:`ParityError` says so."""
+    finish_or_failed(work, out, report, report_name, heavy)
+    if not report["passed"]:
+        failed = out.with_name(out.name + ".failed")
+        raise ParityError(f"{failure}; nothing written to {out}; report in {failed / report_name}{hint}")
+    return report
 
 
 def _carried_settings(settings: ModelSettings) -> ModelSettings:
@@ -173,9 +188,7 @@ def merge_adapter(checkpoint: str | Path, out: str | Path, *, dtype: str = "floa
     if dtype not in LOGIT_TOLERANCE:
         raise UserError(f"--dtype must be one of {', '.join(LOGIT_TOLERANCE)}, got {dtype!r}")
     tolerance = LOGIT_TOLERANCE[dtype] if tolerance is None else tolerance
-    _check_out(out)
-    manifest = Path(data) if data else default_parity_data(checkpoint)
-    clips, skipped = parity_clips(manifest, n_clips)
+    manifest, clips, skipped = _prepare(out, checkpoint, data, n_clips)
     times = {}
 
     t0 = time.perf_counter()
@@ -226,13 +239,9 @@ def merge_adapter(checkpoint: str | Path, out: str | Path, *, dtype: str = "floa
                   "ids": [c.id for c in clips], "skipped": skipped, "max_new_tokens": max_new_tokens,
                   "language": settings.language, "task": settings.task, "audio_context": settings.audio_context,
                   "seconds": {k: round(v, 3) for k, v in times.items()}}
-        finish_or_failed(work, out, report, MERGE_REPORT, heavy=("*.safetensors",))
-    if not passed:
-        failed = out.with_name(out.name + ".failed")
-        raise ParityError(f"merge parity check failed: transcripts identical {not mismatches} "
-                          f"({len(mismatches)} of {len(clips)} differ), max |logit diff| {diff:.3g} "
-                          f"(tolerance {tolerance:g}); nothing written to {out}; report in {failed / MERGE_REPORT}")
-    return report
+        return _finish(work, out, report, MERGE_REPORT, ("*.safetensors",),
+                       f"merge parity check failed: transcripts identical {not mismatches} ({len(mismatches)} of "
+                       f"{len(clips)} differ), max |logit diff| {diff:.3g} (tolerance {tolerance:g})")
 
 
 # --------------------------------------------------------------------------- CTranslate2
@@ -297,9 +306,7 @@ def export_ct2(merged_dir: str | Path, out: str | Path, *, quantization: str = "
     if quantization not in QUANTIZATIONS:
         raise UserError(f"--quantization must be one of {', '.join(QUANTIZATIONS)}, got {quantization!r}")
     tolerance = CER_TOLERANCE[quantization] if tolerance is None else tolerance
-    _check_out(out)
-    manifest = Path(data) if data else default_parity_data(merged_dir)
-    clips, skipped = parity_clips(manifest, n_clips)
+    manifest, clips, skipped = _prepare(out, merged_dir, data, n_clips)
     settings = read_settings(merged_dir)
     num_mel_bins = json.loads((merged_dir / "config.json").read_text(encoding="utf-8"))["num_mel_bins"]
     times = {}
@@ -342,11 +349,8 @@ def export_ct2(merged_dir: str | Path, out: str | Path, *, quantization: str = "
                   "mismatches": [{"id": c.id, "hf": a, "ct2": b}
                                  for c, a, b, s in zip(clips, hyps_hf, hyps_ct, same) if not s],
                   "seconds": {k: round(v, 3) for k, v in times.items()}}
-        finish_or_failed(work, out, report, EXPORT_REPORT, heavy=("model.bin",))
-    if not passed:
-        failed = out.with_name(out.name + ".failed")
-        raise ParityError(f"export parity check failed: CER {cer_ct:.4f} (CTranslate2 {quantization}) vs "
-                          f"{cer_hf:.4f} (merged HF), +{diff:.4f} > tolerance {tolerance:g}; nothing written "
-                          f"to {out}; report in {failed / EXPORT_REPORT}. A few clips give a noisy CER: "
-                          "--n-clips raises the sample, --tolerance the limit, or export a wider type")
-    return report
+        return _finish(work, out, report, EXPORT_REPORT, ("model.bin",),
+                       f"export parity check failed: CER {cer_ct:.4f} (CTranslate2 {quantization}) vs {cer_hf:.4f} "
+                       f"(merged HF), +{diff:.4f} > tolerance {tolerance:g}",
+                       ". A few clips give a noisy CER: --n-clips raises the sample, --tolerance the limit, or "
+                       "export a wider type")

@@ -319,5 +319,5 @@ def load_adapter_model(adapter_dir: str | Path, base: str | None = None, quant: 
     if quant == "none" and device_map is None:
         model = model.to("cuda" if torch.cuda.is_available() else "cpu")
     model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
-    apply_audio_context(model, read_settings(adapter_dir).audio_context)  # as trained (asr_lora.json)
+    apply_audio_context(model, read_settings(adapter_dir).audio_context)  # as trained (its settings file)
     return model.eval()

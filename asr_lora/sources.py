@@ -39,7 +39,7 @@ class ModelSource:
         KINDS[self.kind].check(Path(self.path))
 
     def settings(self):
-        """The source's ``ModelSettings`` (``asr_lora.json``, else the run's recipe, else defaults)."""
+        """The source's ``ModelSettings`` (:func:`asr_lora.settings.read_settings`)."""
         from .settings import read_settings
 
         path = Path(self.path)

@@ -7,7 +7,8 @@ give the same update.
 
 The run folder (``train.output_dir``) is :class:`asr_lora.runfolder.RunFolder`; a checkpoint
 ``step-000100/`` holds adapter_model.safetensors, adapter_config.json, trainer_state.json,
-optimizer.pt, scheduler.pt, rng.pt (scaler.pt with fp16), metrics.json and asr_lora.json.
+optimizer.pt, scheduler.pt, rng.pt (scaler.pt with fp16), metrics.json and the settings file
+(:mod:`asr_lora.settings`).
 Metrics go to ``metrics.jsonl`` and to the trackers of ``train.report_to`` (accelerate's tracker
 API; TensorBoard in ``tb/`` by default): training loss, learning rate, step seconds, tokens/s and
 every evaluation metric.
@@ -62,6 +63,7 @@ from .runfolder import TRAINER_STATE, RunFolder, latest_checkpoint, step_name
 
 TEST_PAUSE_ENV = "ASR_LORA_TEST_PAUSE"  # test-only: "POINT@STEP", see the module docstring
 TEST_PAUSE_MARKER = ".test-paused"
+EVAL_HEADER = f"{'step':>6} {'CER':>7} {'CER-ns':>7} {'WER':>7} {'sWER':>7} {'loss':>7} {'eval s':>7}"
 
 
 @dataclass
@@ -213,7 +215,9 @@ class Trainer:
         acc.wait_for_everyone()
         latest = latest_checkpoint(self.out)
         if latest is not None and self.resume is not False:
-            self._load_checkpoint(latest)
+            self.state = restore_checkpoint(latest, acc, self.model, self.optimizer, self.scheduler)
+            self._last_saved_step = self.state.step  # that checkpoint exists: a finished run is not saved again
+            self.log(f"resumed from {latest} (step {self.state.step})")
         elif latest is None and self.resume:
             self.log(f"--resume: no checkpoint in {self.out}; starting from step 0")
         if acc.is_main_process:
@@ -307,15 +311,10 @@ class Trainer:
         return loss_sum.detach()
 
     def _update(self, loss: float | None) -> tuple[str | None, bool]:
-        """Clip and step the optimizer unless the step is bad; ``(reason the update was skipped or
-        None, whether the skip counts towards train.max_bad_steps)``.
-
-        Without a loss scaler (fp32, bf16) non-finite gradients are caught here before clipping.
-        With fp16's scaler, gradients are scaled and overflow is the scaler's call:
-        ``clip_grad_norm_`` unscales them first, and ``optimizer.step()`` skips the update and
-        lowers the scale when they hold inf/NaN; we count that skip once, and only towards
-        ``max_bad_steps`` when the scale was already <= 1 (then the gradients themselves are bad).
-        """
+        """Clip and step unless the step is bad; ``(why the update was skipped or None, whether that
+        counts towards train.max_bad_steps)``. Without a loss scaler (fp32, bf16) non-finite gradients
+        are caught before clipping. With fp16's scaler overflow is the scaler's call (it skips the update
+        and lowers the scale); that counts towards ``max_bad_steps`` only at a scale <= 1."""
         acc, max_norm = self.accelerator, self.cfg.train.max_grad_norm
         if loss is None:
             return "no readable rows in this step", True
@@ -338,7 +337,7 @@ class Trainer:
         return None, False
 
     def _grads_finite(self) -> bool:
-        return all(p.grad is None or torch.isfinite(p.grad).all() for p in self.model.parameters())
+        return all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in self.model.parameters())
 
     def _next_micro_batches(self, n: int) -> list[list[int]]:
         """The next ``n`` micro-batches of the deterministic epoch order (crossing epochs)."""
@@ -504,38 +503,6 @@ class Trainer:
             raise TrainingError(error) from cause
         acc.wait_for_everyone()
 
-    def _load_checkpoint(self, path: Path) -> None:
-        """Adapter weights (safetensors), optimizer/scheduler/RNG states (tensors only: a pickle that
-        would run code is refused) and trainer state; any failure names the checkpoint."""
-        import json
-
-        from peft import set_peft_model_state_dict
-        from safetensors.torch import load_file
-
-        try:
-            model = self.accelerator.unwrap_model(self.model)
-            weights = load_file(path / "adapter_model.safetensors", device=str(self.accelerator.device))
-            set_peft_model_state_dict(model, weights)
-            self.optimizer.load_state_dict(load_tensors(path / "optimizer.pt", map_location=self.accelerator.device))
-            self.scheduler.load_state_dict(load_tensors(path / "scheduler.pt"))
-            rng = load_tensors(path / "rng.pt")
-            torch.set_rng_state(rng["torch"])
-            if "cuda" in rng and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(rng["cuda"])
-            scaler = getattr(self.accelerator, "scaler", None)
-            if scaler is not None and (path / "scaler.pt").is_file():
-                scaler.load_state_dict(load_tensors(path / "scaler.pt"))
-            state = json.loads((path / TRAINER_STATE).read_text())
-            state["best_cer"] = math.inf if state.get("best_cer") is None else state["best_cer"]
-            self.state = TrainerState(**{**state, "history": []})
-        except UserError as e:
-            raise TrainingError(f"cannot resume from {path}: {e}") from e
-        except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
-            raise TrainingError(f"cannot resume from {path}: {type(e).__name__}: {e}. Move that folder away to "
-                                "resume from the one before it, or start over with --fresh") from e
-        self._last_saved_step = self.state.step  # that checkpoint exists: a finished run is not saved again
-        self.log(f"resumed from {path} (step {self.state.step})")
-
     # ---------------------------------------------------------------- records
     def _record(self, record: dict, scalars: dict) -> None:
         """A metrics.jsonl line (main process) and the trackers' scalars (None values left out)."""
@@ -545,10 +512,9 @@ class Trainer:
 
     def eval_records(self) -> list[dict]:
         return self.run.eval_records()
-
     def _print_eval_row(self, m: dict) -> None:
         if not getattr(self, "_printed_header", False):
-            self.log(f"{'step':>6} {'CER':>7} {'CER-ns':>7} {'WER':>7} {'sWER':>7} {'loss':>7} {'eval s':>7}")
+            self.log(EVAL_HEADER)
             self._printed_header = True
         self.log(f"{m['step']:>6} {m['cer']:>7.4f} {m['cer_nospace']:>7.4f} {m['wer']:>7.4f} {m['swer']:>7.4f} "
                  f"{m['eval_loss']:>7.4f} {m['eval_seconds']:>7.1f}")
@@ -579,6 +545,37 @@ class Trainer:
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def restore_checkpoint(path: Path, acc, model, optimizer, scheduler) -> TrainerState:
+    """Load a checkpoint into the prepared model/optimizer/scheduler: adapter weights (safetensors),
+    optimizer/scheduler/RNG states (tensors only: a pickle that would run code is refused); returns
+    its trainer state. Any failure is a ``TrainingError`` naming the checkpoint."""
+    import json
+
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    try:
+        weights = load_file(path / "adapter_model.safetensors", device=str(acc.device))
+        set_peft_model_state_dict(acc.unwrap_model(model), weights)
+        optimizer.load_state_dict(load_tensors(path / "optimizer.pt", map_location=acc.device))
+        scheduler.load_state_dict(load_tensors(path / "scheduler.pt"))
+        rng = load_tensors(path / "rng.pt")
+        torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        scaler = getattr(acc, "scaler", None)
+        if scaler is not None and (path / "scaler.pt").is_file():
+            scaler.load_state_dict(load_tensors(path / "scaler.pt"))
+        state = json.loads((path / TRAINER_STATE).read_text())
+        state["best_cer"] = math.inf if state.get("best_cer") is None else state["best_cer"]
+        return TrainerState(**{**state, "history": []})
+    except UserError as e:
+        raise TrainingError(f"cannot resume from {path}: {e}") from e
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
+        raise TrainingError(f"cannot resume from {path}: {type(e).__name__}: {e}. Move that folder away to "
+                            "resume from the one before it, or start over with --fresh") from e
 
 
 def load_tensors(path: Path, map_location=None):

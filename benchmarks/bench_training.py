@@ -70,9 +70,12 @@ def device_name() -> str:
 
 
 def read_manifest_rows(path: Path) -> list[dict]:
-    from asr_lora.train import read_rows
+    """Rows as plain dicts (audio absolute), for the standard recipe's datasets."""
+    from dataclasses import asdict
 
-    return read_rows(path)
+    from asr_lora.data.manifest import read_rows
+
+    return [asdict(row) for row in read_rows(path)[0]]
 
 
 def make_random_model(shape: str, files_from: Path, out: Path) -> Path:
@@ -330,19 +333,14 @@ def standard_eval(adapter: str, args) -> dict:
 
 
 def score_adapter(adapter: str, manifest: Path, args) -> dict:
-    from transformers import WhisperProcessor
-
-    from asr_lora.bundled import resolve_model
-    from asr_lora.data.collator import WhisperCollator
+    from asr_lora.backends import DecodeOptions
+    from asr_lora.data.manifest import read_rows
     from asr_lora.evaluate import evaluate_rows
-    from asr_lora.model import load_adapter_model
-    from asr_lora.trimmed import COLLATOR_PADDING, audio_context_of
+    from asr_lora.sources import ModelSource, load_transcriber
 
-    model = load_adapter_model(adapter, base=args.model)
-    processor = WhisperProcessor.from_pretrained(resolve_model(args.model))
-    collator = WhisperCollator(processor.tokenizer, padding=COLLATOR_PADDING[audio_context_of(model)])
-    result = evaluate_rows(model, processor.tokenizer, collator, read_manifest_rows(manifest),
-                           batch_size=args.batch_size, max_new_tokens=128)
+    options = DecodeOptions(max_new_tokens=128, bound_by_reference=True)  # as training's dev evaluation
+    transcriber = load_transcriber(ModelSource("adapter", adapter), options)
+    result = evaluate_rows(transcriber, read_rows(manifest)[0], batch_size=args.batch_size)
     return {"cer": result.report.cer, "seconds": result.seconds}
 
 

@@ -41,10 +41,11 @@ def build(adapter: Path, work: Path, tag: str, data: Path) -> tuple[Path, Path, 
 
 
 def measure(kind: str, folder: Path, manifest: Path, batch_size: int) -> dict:
-    from asr_lora.backends import load_transcriber
+    from asr_lora.backends import DecodeOptions
     from asr_lora.evaluate import evaluate_manifest
+    from asr_lora.sources import ModelSource, load_transcriber
 
-    transcriber = load_transcriber(**{kind: folder}, max_new_tokens=128)
+    transcriber = load_transcriber(ModelSource(kind, str(folder)), DecodeOptions(max_new_tokens=128))
     evaluate_manifest(transcriber, manifest, batch_size=batch_size, limit=batch_size, progress=False)  # warm-up
     result = evaluate_manifest(transcriber, manifest, batch_size=batch_size, progress=False)
     summary = result.summary()

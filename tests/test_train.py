@@ -239,3 +239,51 @@ def test_ddp_two_cpu_processes_match_accumulation(tiny_whisper, small_data, tmp_
     lines = (ddp / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 4
     assert sorted(p.name for p in ddp.iterdir() if p.name.startswith("step-")) == ["step-000003"]
+
+
+def test_in_training_eval_equals_asr_lora_eval(tiny_whisper, small_data, tmp_path):
+    """One decode path: the dev hypotheses a checkpoint got during training (eval/step-N.jsonl) are
+    what `asr-lora eval --adapter step-N` gives on the same rows with the same options, and so are
+    the CERs (trimmed context, so batch composition matters too)."""
+    from asr_lora.cli import main
+
+    out = tmp_path / "run"
+    run_training(recipe(tiny_whisper, small_data, out, "model.audio_context=trimmed", "train.max_steps=2",
+                        "train.batch_size=4", "train.eval_every=2", "train.save_every=2",
+                        "eval.max_new_tokens=6", "eval.batch_size=2"), progress=False)
+    during = [json.loads(line) for line in (out / "eval" / "step-000002.jsonl").read_text().splitlines()]
+    record = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "cer" in r][-1]
+    assert main(["eval", "--data", small_data[1], "--adapter", str(out / "step-000002"), "--out",
+                 str(tmp_path / "eval"), "--max-new-tokens", "6", "--batch-size", "2", "--no-progress"]) == 0
+    after = [json.loads(line) for line in (tmp_path / "eval" / "utterances.jsonl").read_text().splitlines()]
+    assert [u["id"] for u in after] == [u["id"] for u in during] and len(after) == 3
+    assert [u["hyp"] for u in after] == [u["hyp"] for u in during]
+    assert any(u["hyp"] for u in after)  # something was decoded, not three empty strings
+    summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
+    assert summary["cer"] == pytest.approx(record["cer"])
+
+
+@pytest.mark.parametrize("report_to", ["tensorboard", "none"])
+def test_trackers_write_training_and_dev_scalars(tiny_whisper, small_data, tmp_path, report_to):
+    """train.report_to goes through accelerate's trackers: TensorBoard events in tb/ hold the training
+    loss, learning rate, step time, tokens/s and the dev metrics; report_to=none writes no tb/."""
+    out = tmp_path / "run"
+    run_training(recipe(tiny_whisper, small_data, out, "model.audio_context=trimmed", "train.max_steps=2",
+                        "train.batch_size=4", "train.eval_every=2", "train.save_every=2",
+                        f"train.report_to={report_to}"), progress=False)
+    events = list((out / "tb").rglob("events.out.tfevents.*")) if (out / "tb").exists() else []
+    if report_to == "none":
+        assert events == []
+        return
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    scalars = {}
+    for path in events:
+        acc = EventAccumulator(str(path))
+        acc.Reload()
+        for tag in acc.Tags()["scalars"]:
+            scalars[tag] = [(e.step, e.value) for e in acc.Scalars(tag)]
+    assert {"train/loss", "train/lr", "train/step_seconds", "train/tokens_per_second", "dev/cer", "dev/cer_nospace",
+            "dev/wer", "dev/swer", "dev/eval_loss"} <= set(scalars)
+    assert [s for s, _ in scalars["train/loss"]] == [1, 2] and [s for s, _ in scalars["dev/cer"]] == [2]
+    assert [v for _, v in scalars["train/loss"]] == pytest.approx([losses(out)[1], losses(out)[2]], rel=1e-5)

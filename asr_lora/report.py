@@ -33,7 +33,7 @@ from .errors import UserError
 REPORT_NAME = "report.html"
 WORST_N = 20  # worst dev utterances shown per run
 LISTED_N = 10  # looping hypotheses / non-speech clips with output listed per run
-AUDIO_BUDGET_BYTES = 1_500_000  # encoded audio embedded per page (~3 min of speech); clips beyond it are linked
+AUDIO_BUDGET_BYTES = 1_500_000  # encoded audio embedded per page (~10 min of speech); beyond it, linked
 OPUS_LEVEL = 0.95  # libsndfile compression level for Ogg/Opus: ~20 kbit/s, clear speech at 16 kHz
 STEP_FILE = re.compile(r"^step-(\d{6,})\.jsonl$")
 RUN_FILES = ("metrics.jsonl", "recipe.yaml", "run_info.json", "best", "eval")
@@ -203,13 +203,12 @@ def _load_run(path: Path) -> Source:
         if step_file is not None:
             for key, value in utterance_indicators(_read_jsonl(step_file, notes)).items():
                 r.setdefault(key, value)
-    trained = [s for s in files if any(r["step"] == s and not r.get("zero_shot") for r in src.evals)] or list(files)
     if src.best_step in files:
         src.shown_step = src.best_step
     elif files:
-        src.shown_step = max(trained)
-        notes.append(f"eval/step-{src.best_step or 0:06d}.jsonl not found: utterances shown are step {src.shown_step}'s"
-                     if src.best_step is not None else f"no best step known: utterances shown are step {src.shown_step}'s")
+        src.shown_step = max(files)
+        why = f"eval/step-{src.best_step:06d}.jsonl not found" if src.best_step is not None else "no best step known"
+        notes.append(f"{why}: the utterances shown are step {src.shown_step}'s")
     else:
         notes.append("no eval/step-NNNNNN.jsonl: no per-utterance results to show")
     if src.shown_step is not None:
@@ -288,8 +287,9 @@ class AudioShelf:
     def __init__(self, page_dir: Path, budget: int = AUDIO_BUDGET_BYTES):
         self.page_dir, self.budget = page_dir, budget
         self.clips: dict[str, str] = {}  # clip id -> data URI
-        self._ids: dict[tuple, str] = {}
-        self.used = self.embedded = self.linked = self.missing = 0
+        self._ids: dict[tuple, str] = {}  # (file, offset, end) -> clip id
+        self._over: set[tuple] = set()  # clips that did not fit (or could not be read): linked
+        self.used = self.linked = self.missing = 0
 
     def player(self, line: dict, base: Path) -> str:
         raw = line.get("audio")
@@ -304,13 +304,14 @@ class AudioShelf:
             self.missing += 1
             return f'<span class="na">audio not found: {html.escape(path.name)}</span>'
         key = (str(path.resolve()), offset, end)
-        if key not in self._ids:
+        if key not in self._ids and key not in self._over:
             data = self._encode(path, offset, end)
             if data is not None and self.used + len(data) <= self.budget:
                 self._ids[key] = f"c{len(self.clips)}"
                 self.clips[self._ids[key]] = "data:audio/ogg;base64," + base64.b64encode(data).decode("ascii")
                 self.used += len(data)
-                self.embedded += 1
+            else:
+                self._over.add(key)
         if key in self._ids:
             return f'<audio controls preload="metadata" data-clip="{self._ids[key]}"></audio>'
         self.linked += 1
@@ -521,8 +522,10 @@ def _diff_block(ref: str, hyp: str) -> tuple[str, int]:
 
 
 def worst_utterances(lines: list[dict], n: int) -> list[dict]:
-    """The ``n`` speech utterances with the most character errors (then the highest CER, then by id)."""
-    speech = [u for u in lines if not u.get("nonspeech") and isinstance(u.get("ref"), str)]
+    """The ``n`` speech utterances with the most character errors (then the highest CER, then by id);
+    utterances without errors are never listed."""
+    speech = [u for u in lines if not u.get("nonspeech") and isinstance(u.get("ref"), str)
+              and (_number(u.get("errors")) is None or u["errors"] > 0)]
 
     def key(u):
         errors, cer = _number(u.get("errors")), _number(u.get("cer"))
@@ -531,9 +534,9 @@ def worst_utterances(lines: list[dict], n: int) -> list[dict]:
     return sorted(speech, key=key)[:n]
 
 
-def worst_table(src: Source, shelf: AudioShelf, n: int) -> str:
+def worst_table(src: Source, lines: list[dict], shelf: AudioShelf) -> str:
     rows = []
-    for i, u in enumerate(worst_utterances(src.utterances, n), 1):
+    for i, u in enumerate(lines, 1):
         block, errors = _diff_block(str(u.get("ref", "")), str(u.get("hyp") or ""))
         ref_chars = _number(u.get("ref_chars"))
         score = f"{errors} errors" + (f" / {int(ref_chars)} chars<br>CER {_pct(u.get('cer'), 1)}"
@@ -669,7 +672,7 @@ def source_section(src: Source, index: int, shelf: AudioShelf, worst: int) -> st
         step = f" at step {src.shown_step}" if src.shown_step is not None else ""
         shown = worst_utterances(src.utterances, worst)
         out.append(f"<h3>Worst {len(shown)} dev utterances{step} (of {len(src.utterances)}, by character errors)</h3>")
-        out.append(LEGEND + worst_table(src, shelf, worst))
+        out.append(LEGEND + worst_table(src, shown, shelf) if shown else '<p>No utterance has an error.</p>')
         out.append(listed_lines(src, shelf, "loop", "Looping hypotheses"))
         out.append(listed_lines(src, shelf, "nonspeech", "Non-speech clips with output"))
     out.append("<h3>Recipe and run info</h3>" if src.kind == "run" else "<h3>Evaluation settings</h3>")
@@ -738,7 +741,9 @@ def common_utterances(sources: list[Source], shelf: AudioShelf, worst: int) -> s
     if not common:
         return '<p class="note">the runs share no dev utterance id</p>'
     total = {uid: sum(_number(d[uid].get("errors")) or 0 for d in by_id) for uid in common}
-    ids = sorted(common, key=lambda uid: (-total[uid], uid))[:worst]
+    ids = sorted((uid for uid in common if total[uid] > 0), key=lambda uid: (-total[uid], uid))[:worst]
+    if not ids:
+        return '<p>No shared utterance has an error.</p>'
     rows = []
     for uid in ids:
         first = by_id[0][uid]
@@ -764,7 +769,7 @@ def render_page(sources: list[Source], page_dir: Path, *, worst: int = WORST_N,
     body += [source_section(s, i, shelf, worst) for i, s in enumerate(sources)]
     title = " vs ".join(s.name for s in sources)
     stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    audio_note = (f"audio: {shelf.embedded} clip(s) embedded ({shelf.used / 1e3:.0f} KB Ogg/Opus)"
+    audio_note = (f"audio: {len(shelf.clips)} clip(s) embedded ({shelf.used / 1e3:.0f} KB Ogg/Opus)"
                   + (f", {shelf.linked} linked by relative path (over the {audio_budget / 1e6:g} MB budget)"
                      if shelf.linked else "") + (f", {shelf.missing} not found" if shelf.missing else ""))
     clips = json.dumps(shelf.clips).replace("</", "<\\/")

@@ -110,7 +110,7 @@ def _lines(rows: list[dict], quality: int, noise: Path | None = None) -> list[di
         if i == 0 and quality == 0:
             hyps.append("감사합니다 " * 6)
         else:
-            hyps.append(_mutate(r["text"], max(0, i % 9 - 2 * quality)))
+            hyps.append(_mutate(r["text"], max(0, i % 9 - quality)))
     report = score([r["text"] for r in rows], hyps, ids=[r["id"] for r in rows])
     out = []
     for i, (r, hyp, u) in enumerate(zip(rows, hyps, report.utterances)):
@@ -127,7 +127,7 @@ def _lines(rows: list[dict], quality: int, noise: Path | None = None) -> list[di
             out.append({"id": f"noise-{j}", "audio": str(noise), "offset": None, "end": None, "duration": 2.0,
                         "ref": "", "hyp": hyp, "errors": len(hyp), "ref_chars": 0,
                         "cer": float("inf") if hyp else 0.0, "cer_nospace": float("inf") if hyp else 0.0,
-                        "wer": float("inf") if hyp else 0.0, "loop": False, "no_speech_prob": 0.2 + 0.3 * quality,
+                        "wer": float("inf") if hyp else 0.0, "loop": False, "no_speech_prob": min(0.2 + 0.2 * quality, 0.95),
                         "nonspeech": True})
     return out
 
@@ -213,11 +213,16 @@ def test_run_page_shows_checkpoints_best_worst_utterances_and_audio(tmp_path):
     assert f"Best checkpoint: step {best}" in page
     assert '<tr class="zero"><td>0 zero-shot</td>' in page and f'<tr class="best"><td>{best} best</td>' in page
     assert "non-speech with output" in page and "Non-speech clips with output" in page
-    assert f"Worst 20 dev utterances at step {best} (of 28" in page  # 25 speech + 3 non-speech lines
+    lines = [json.loads(x) for x in (run / "eval" / f"step-{best:06d}.jsonl").read_text().splitlines()]
+    wrong = sorted((u for u in lines if u["errors"] and not u.get("nonspeech")), key=lambda u: (-u["errors"], -u["cer"], u["id"]))
+    assert 0 < len(wrong) < 20
+    assert f"Worst {len(wrong)} dev utterances at step {best} (of 28," in page  # 25 speech + 3 non-speech lines
+    shown = re.findall(r'<div class="uh"><b>([^<]+)</b>', page.split("Worst ", 1)[1].split("</table>", 1)[0])
+    assert shown == [u["id"] for u in wrong]  # most errors (then highest CER) first, none without errors
     assert '<span class="sub">' in page and '<span class="ins">' in page and '<span class="del">' in page
     clips = _clip_uris(page)
     players = re.findall(r"<audio [^>]*>", page)
-    assert len(players) >= 20 and all('data-clip="' in p for p in players)
+    assert len(players) == len(wrong) + 1 and all('data-clip="' in p for p in players)  # + 1 non-speech clip
     assert len(clips) == len({p for p in players})  # each clip encoded once
     ogg = base64.b64decode(next(iter(clips.values())).split(",", 1)[1])
     assert ogg[:4] == b"OggS"
@@ -281,7 +286,7 @@ def test_missing_optional_files_degrade_the_page_with_notes(tmp_path):
     (broken / "run_info.json").write_text("{not json")
     (broken / "recipe.yaml").write_text("model: [unclosed\n")
     page = write_report([broken]).read_text(encoding="utf-8")
-    assert f"eval/step-{best:06d}.jsonl not found: utterances shown are step" in page
+    assert f"eval/step-{best:06d}.jsonl not found: the utterances shown are step" in page
     assert "run_info.json is not valid JSON" in page and "recipe.yaml does not parse" in page
 
 
@@ -297,8 +302,10 @@ def test_eval_folder_page(tmp_path):
     folder = make_eval(tmp_path / "eval-whisper-base-dev")
     page = write_report([folder]).read_text(encoding="utf-8")
     assert "asr lora eval" not in page and "Evaluation settings" in page and "bundled:whisper-base" in page
-    assert '<tr class="best"><td>eval</td>' in page and "Worst 20 dev utterances (of 25" in page
-    assert len(re.findall(r"<audio ", page)) >= 20
+    wrong = [json.loads(x) for x in (folder / "utterances.jsonl").read_text().splitlines()]
+    wrong = [u for u in wrong if u["errors"]]
+    assert '<tr class="best"><td>eval</td>' in page and f"Worst {len(wrong)} dev utterances (of 25," in page
+    assert len(re.findall(r"<audio ", page)) == len(wrong)
 
 
 def test_several_runs_side_by_side(tmp_path):
@@ -309,7 +316,7 @@ def test_several_runs_side_by_side(tmp_path):
     page = out.read_text(encoding="utf-8")
     assert "Runs side by side" in page and page.count("<svg") == 3  # the overlay and one per run
     assert "<h3>Recipe differences</h3>" in page and "train.lr" in page and "train.max_steps" in page
-    assert "Worst 20 shared dev utterances" in page
+    assert re.search(r"Worst \d+ shared dev utterances", page)
     for name in ("lr-1e-3", "lr-3e-4", "eval-base"):
         assert f"<a href='#source-" in page and name in page
     # a clip shown for several runs is embedded once

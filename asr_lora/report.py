@@ -464,7 +464,10 @@ def _num(value, digits: int = 3) -> str:
 
 def _table(head: list[str], rows: list[list[str]], cls: str = "", row_classes: list[str] | None = None) -> str:
     """An HTML table; cells are HTML already."""
-    out = [f'<table class="{cls}"><thead><tr>' + "".join(f"<th>{h}</th>" for h in head) + "</tr></thead><tbody>"]
+    out = [f'<table class="{cls}">']
+    if any(head):
+        out.append("<thead><tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr></thead>")
+    out.append("<tbody>")
     for row, row_cls in zip(rows, row_classes or [""] * len(rows)):
         attrs = f' class="{row_cls}"' if row_cls else ""
         out.append(f"<tr{attrs}>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>")
@@ -630,7 +633,7 @@ table.num td{text-align:right;font-variant-numeric:tabular-nums}table.num td:fir
 tr.best td{background:#eaf4ff;font-weight:600}tr.zero td{color:#666;font-style:italic}
 table.kv td:first-child{color:#555;white-space:nowrap}
 table.utts td{padding:6px 8px}table.utts audio{height:30px;width:240px;margin-top:4px}
-.uh{font-size:12px;color:#444}.ref,.hyp{font-size:15px;line-height:1.7;word-break:keep-all}
+.uh{font-size:12px;color:#444}.ref,.hyp{font-size:15px;line-height:1.7;word-break:keep-all;overflow-wrap:anywhere}
 .lbl{display:inline-block;width:36px;font-size:11px;color:#888;font-family:monospace}
 .sub{background:#ffe08a}.del{background:#ffb3b3;text-decoration:line-through}.ins{background:#b6ecb6}
 .flag{background:#c0392b;color:#fff;border-radius:3px;padding:0 4px;font-size:11px}.meta{color:#666;font-size:11px}
@@ -797,7 +800,9 @@ def write_report(paths: list[Path], out: Path | None = None, *, worst: int = WOR
     """Write the report page of the run or eval folders ``paths`` to ``out`` (default
     ``paths[0]/report.html``) and return its path."""
     if not paths:
-        raise UserError("report: give at least one run or eval folder")
+        raise UserError("give at least one run or eval folder")
+    if worst < 1:
+        raise UserError(f"--worst must be at least 1, got {worst}")
     sources = [load_source(p) for p in paths]
     _names(sources)
     out = Path(out) if out is not None else Path(paths[0]) / REPORT_NAME

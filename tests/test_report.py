@@ -9,7 +9,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 import unicodedata
@@ -324,17 +323,16 @@ def test_several_runs_side_by_side(tmp_path):
     assert len(set(players)) == len(_clip_uris(page)) < len(players)
 
 
-def test_cli_report_prints_the_path_and_names_a_bad_folder(tmp_path):
+def test_cli_report_prints_the_path_and_names_a_bad_folder(tmp_path, capsys):
+    from asr_lora.cli import main
+
     run = make_run(tmp_path / "demo", nonspeech=False)
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    done = subprocess.run([sys.executable, "-m", "asr_lora.cli", "report", str(run), "--worst", "5"], cwd=REPO,
-                          env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == str(run / "report.html")
+    assert main(["report", str(run), "--worst", "5"]) == 0
+    assert capsys.readouterr().out.strip() == str(run / "report.html")
     assert "Worst 5 dev utterances" in (run / "report.html").read_text(encoding="utf-8")
-    done = subprocess.run([sys.executable, "-m", "asr_lora.cli", "report", str(tmp_path)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 2 and f"{tmp_path}: neither a training run folder" in done.stderr
+    assert main(["report", str(run), str(tmp_path), "--out", str(tmp_path / "x.html")]) == 2
+    assert f"asr-lora report: error: {tmp_path}: neither a training run folder" in capsys.readouterr().err
+    assert not (tmp_path / "x.html").exists()
 
 
 # --------------------------------------------------------------------------- in a real browser
@@ -350,6 +348,7 @@ class DevTools:
     def __init__(self, exe: str, profile: Path):
         import fcntl
 
+        self._log = profile / "chromium.log"  # a file, not a pipe: a chatty browser never blocks on it
         to_browser, self._write = os.pipe()
         self._read, from_browser = os.pipe()
         keep = [fcntl.fcntl(fd, fcntl.F_DUPFD, 10) for fd in (to_browser, from_browser)]  # out of the way of 3, 4
@@ -358,11 +357,12 @@ class DevTools:
             os.dup2(keep[0], 3)
             os.dup2(keep[1], 4)
 
-        self.proc = subprocess.Popen(
-            [exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             "--autoplay-policy=no-user-gesture-required", "--remote-debugging-pipe", f"--user-data-dir={profile}",
-             "about:blank"], preexec_fn=wire, pass_fds=(3, 4), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        with self._log.open("wb") as log:
+            self.proc = subprocess.Popen(
+                [exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--remote-debugging-pipe", f"--user-data-dir={profile}", "about:blank"],
+                preexec_fn=wire, pass_fds=(3, 4), stdout=subprocess.DEVNULL, stderr=log)
         for fd in (to_browser, from_browser, *keep):
             os.close(fd)
         self._next, self._buffer, self.events = 0, b"", []
@@ -375,7 +375,7 @@ class DevTools:
                 raise TimeoutError("no message from chromium")
             chunk = os.read(self._read, 1 << 20)
             if not chunk:
-                raise RuntimeError(f"chromium closed the pipe: {self.proc.stderr.read().decode()[-2000:]}")
+                raise RuntimeError(f"chromium closed the pipe: {self._log.read_text(errors='replace')[-2000:]}")
             self._buffer += chunk
         raw, self._buffer = self._buffer.split(b"\0", 1)
         return json.loads(raw)
@@ -488,3 +488,14 @@ def test_page_loads_in_headless_chromium_with_plots_and_players(tmp_path):
     with Image.open(tmp_path / "report.png") as img:
         assert img.size[0] == 1280 and img.size[1] == checks["height"] > 1500
         assert len(img.convert("L").getcolors(1 << 16) or []) > 10  # not a blank page
+
+
+@pytest.mark.skipif(_chromium() is None, reason="chromium not installed (.ci/run installs Debian's chromium)")
+def test_the_browser_check_sees_console_errors_exceptions_and_failed_loads(tmp_path):
+    page = tmp_path / "bad.html"
+    page.write_text('<!doctype html><html><body><audio controls preload="metadata" src="missing.ogg"></audio>'
+                    '<script>console.error("boom"); nosuch();</script></body></html>')
+    _, errors = open_page(page, tmp_path / "bad.png", height=200)
+    assert len(errors) == 3, errors
+    for what in ("console.error: [{'type': 'string', 'value': 'boom'}]", "nosuch is not defined", "missing.ogg"):
+        assert sum(what in e for e in errors) == 1, (what, errors)

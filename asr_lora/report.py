@@ -360,64 +360,50 @@ def _svg(fig, salt: str) -> str:
     return re.sub(r"<metadata>.*?</metadata>", "", text[text.index("<svg"):], flags=re.S)
 
 
-def _percent_axis(ax) -> None:
-    from matplotlib.ticker import PercentFormatter
-
-    ax.yaxis.set_major_formatter(PercentFormatter(1.0, decimals=0))
-
-
-def _finite(records: list[dict], key: str) -> tuple[list[float], list[float]]:
-    pts = [(r["step"], r[key]) for r in records if _number(r.get(key)) is not None and math.isfinite(r[key])]
-    return [p[0] for p in pts], [p[1] for p in pts]
-
-
 def run_plot(src: Source, salt: str) -> str | None:
     """Dev error rates, losses and (when logged) hallucination indicators per step, as an SVG."""
     if not src.evals or src.kind != "run":
         return None
     hallu = [k for k in ("nonspeech_share", "loop_share", "insertion_rate") if any(k in r for r in src.evals)]
     fig, axes = _figure(11 if hallu else 8, 3.1, 3 if hallu else 2)
-    ax = axes[0]
     for key, label in RATE_KEYS:
-        x, y = _finite(src.evals, key)
-        if x:
-            ax.plot(x, y, marker="o", markersize=3.5, label=label)
+        _line(axes[0], src.evals, key, label)
     zero = src.zero_shot()
     if zero is not None:
-        ax.plot([zero["step"]], [zero["cer"]], marker="o", markersize=9, fillstyle="none", color="k",
-                linestyle="none", label="zero-shot CER")
-    _mark_best(ax, src.best_step)
-    ax.set(title="dev error rates", xlabel="optimizer step")
-    _percent_axis(ax)
-    ax.legend(fontsize=7)
-    ax = axes[1]
-    x, y = _finite(src.train, "loss")
-    if x:
-        ax.plot(x, y, linewidth=1, alpha=0.8, label="train loss")
-    x, y = _finite(src.evals, "eval_loss")
-    if x:
-        ax.plot(x, y, marker="o", markersize=3.5, label="dev loss")
-    _mark_best(ax, src.best_step)
-    ax.set(title="loss", xlabel="optimizer step")
-    ax.legend(fontsize=7)
+        axes[0].plot([zero["step"]], [zero["cer"]], marker="o", markersize=9, fillstyle="none", color="k",
+                     linestyle="none", label="zero-shot CER")
+    _finish(axes[0], "dev error rates", src.best_step)
+    _line(axes[1], src.train, "loss", "train loss", linewidth=1, alpha=0.8, marker=None)
+    _line(axes[1], src.evals, "eval_loss", "dev loss")
+    _finish(axes[1], "loss", src.best_step, percent=False)
     if hallu:
-        ax = axes[2]
         labels = {"nonspeech_share": "non-speech clips with output", "loop_share": "looping hypotheses",
                   "insertion_rate": "character insertion rate"}
         for key in hallu:
-            x, y = _finite(src.evals, key)
-            ax.plot(x, y, marker="o", markersize=3.5, label=labels[key])
-        _mark_best(ax, src.best_step)
-        ax.set(title="hallucination indicators", xlabel="optimizer step")
-        _percent_axis(ax)
-        ax.legend(fontsize=7)
+            _line(axes[2], src.evals, key, labels[key])
+        _finish(axes[2], "hallucination indicators", src.best_step)
     fig.tight_layout()
     return _svg(fig, salt)
 
 
-def _mark_best(ax, step: int | None) -> None:
-    if step is not None:
-        ax.axvline(step, color="grey", linestyle=":", linewidth=1)
+def _line(ax, records: list[dict], key: str, label: str, **style) -> None:
+    """``key`` against step for the records that have a finite value of it."""
+    pts = [(r["step"], r[key]) for r in records if _number(r.get(key)) is not None and math.isfinite(r[key])]
+    if pts:
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], label=label, **{"marker": "o", "markersize": 3.5, **style})
+
+
+def _finish(ax, title: str, best_step: int | None, percent: bool = True) -> None:
+    """Title, step axis, the best step as a dotted line, rates in percent, a legend when there is a line."""
+    from matplotlib.ticker import PercentFormatter
+
+    if best_step is not None:
+        ax.axvline(best_step, color="grey", linestyle=":", linewidth=1)
+    ax.set(title=title, xlabel="optimizer step")
+    if percent:
+        ax.yaxis.set_major_formatter(PercentFormatter(1.0, decimals=0))
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
 
 
 def compare_plot(sources: list[Source], salt: str) -> str | None:
@@ -427,14 +413,10 @@ def compare_plot(sources: list[Source], salt: str) -> str | None:
     fig, (ax,) = _figure(8, 3.2)
     for i, src in enumerate(sources):
         if src.kind == "run":
-            x, y = _finite(src.evals, "cer")
-            if x:
-                ax.plot(x, y, marker="o", markersize=3.5, color=f"C{i}", label=src.name)
+            _line(ax, src.evals, "cer", src.name, color=f"C{i}")
         elif src.evals and math.isfinite(src.evals[0]["cer"]):
             ax.axhline(src.evals[0]["cer"], linestyle="--", linewidth=1, color=f"C{i}", label=f"{src.name} (eval)")
-    ax.set(title="dev CER per checkpoint", xlabel="optimizer step")
-    _percent_axis(ax)
-    ax.legend(fontsize=7)
+    _finish(ax, "dev CER per checkpoint", None)
     fig.tight_layout()
     return _svg(fig, salt)
 
@@ -590,16 +572,16 @@ RECIPE_GLANCE = (("model", "name"), ("model", "quant"), ("model", "audio_context
 
 def info_block(src: Source) -> str:
     """Recipe at a glance and run info (or the eval's settings), with the full recipe.yaml folded."""
-    rows = []
-    if src.recipe:
-        for section, key in RECIPE_GLANCE:
-            value = (src.recipe.get(section) or {}).get(key) if isinstance(src.recipe.get(section), dict) else None
-            if value is not None:
-                rows.append([f"{section}.{key}", _esc(", ".join(map(str, value)) if isinstance(value, list) else value)])
+    rows, recipe = [], src.recipe or {}
+    for section, key in RECIPE_GLANCE:
+        value = recipe[section].get(key) if isinstance(recipe.get(section), dict) else None
+        if value is not None:
+            rows.append([f"{section}.{key}", _esc(", ".join(map(str, value)) if isinstance(value, list) else value)])
     info = dict(src.info)
     command = info.pop("command", None)
     if command:
-        rows.append(["command", f"<code>{_esc(shlex.join(map(str, command)) if isinstance(command, list) else command)}</code>"])
+        command = shlex.join(map(str, command)) if isinstance(command, list) else command
+        rows.append(["command", f"<code>{_esc(command)}</code>"])
     if "git_revision" in info:
         dirty = " (uncommitted changes)" if info.pop("git_dirty", False) else ""
         rows.append(["git revision", f"<code>{_esc(info.pop('git_revision'))}</code>{dirty}"])
@@ -609,7 +591,7 @@ def info_block(src: Source) -> str:
         rows.append(["trainable parameters", f"{int(trainable):,}" + (f" of {int(total):,}{share}" if total else "")])
     packages = info.pop("packages", None)
     for key, value in info.items():
-        if isinstance(value, (str, int, float, bool)) and value is not None:
+        if isinstance(value, (str, int, float, bool)):
             rows.append([_esc(key), _esc(value)])
     if isinstance(packages, dict):
         rows.append(["packages", _esc(", ".join(f"{k} {v}" for k, v in packages.items()))])

@@ -126,8 +126,8 @@ def _lines(rows: list[dict], quality: int, noise: Path | None = None) -> list[di
             out.append({"id": f"noise-{j}", "audio": str(noise), "offset": None, "end": None, "duration": 2.0,
                         "ref": "", "hyp": hyp, "errors": len(hyp), "ref_chars": 0,
                         "cer": float("inf") if hyp else 0.0, "cer_nospace": float("inf") if hyp else 0.0,
-                        "wer": float("inf") if hyp else 0.0, "loop": False, "no_speech_prob": min(0.2 + 0.2 * quality, 0.95),
-                        "nonspeech": True})
+                        "wer": float("inf") if hyp else 0.0, "loop": False,
+                        "no_speech_prob": min(0.2 + 0.2 * quality, 0.95), "nonspeech": True})
     return out
 
 
@@ -213,7 +213,8 @@ def test_run_page_shows_checkpoints_best_worst_utterances_and_audio(tmp_path):
     assert '<tr class="zero"><td>0 zero-shot</td>' in page and f'<tr class="best"><td>{best} best</td>' in page
     assert "non-speech with output" in page and "Non-speech clips with output" in page
     lines = [json.loads(x) for x in (run / "eval" / f"step-{best:06d}.jsonl").read_text().splitlines()]
-    wrong = sorted((u for u in lines if u["errors"] and not u.get("nonspeech")), key=lambda u: (-u["errors"], -u["cer"], u["id"]))
+    wrong = sorted((u for u in lines if u["errors"] and not u.get("nonspeech")),
+                   key=lambda u: (-u["errors"], -u["cer"], u["id"]))
     assert 0 < len(wrong) < 20
     assert f"Worst {len(wrong)} dev utterances at step {best} (of 28," in page  # 25 speech + 3 non-speech lines
     shown = re.findall(r'<div class="uh"><b>([^<]+)</b>', page.split("Worst ", 1)[1].split("</table>", 1)[0])

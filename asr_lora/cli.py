@@ -340,7 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "character diff. Several folders are shown side by side. Prints the page's path.")
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="training run folder or 'asr-lora eval' output folder")
     p.add_argument("--out", default=None, metavar="FILE", help="output file (default: the first RUN_DIR/report.html)")
-    p.add_argument("--worst", type=int, default=20,  # = report.WORST_N (not imported: --help stays fast)
+    p.add_argument("--worst", type=int, default=20, metavar="N",  # = report.WORST_N (not imported: --help stays fast)
                    help="worst dev utterances shown per run (default: %(default)s)")
     p.set_defaults(func=_cmd_report)
     return parser

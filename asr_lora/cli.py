@@ -171,6 +171,14 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    from .report import write_report
+
+    out = write_report([Path(p) for p in args.runs], Path(args.out) if args.out else None, worst=args.worst)
+    print(out)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="asr-lora",
@@ -333,6 +341,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CTranslate2 weight type (default: %(default)s)")
     _add_parity_options(p, "largest allowed CER increase, absolute (default: 0.005 float32, 0.01 float16, 0.02 int8)")
     p.set_defaults(func=_cmd_export_ct2)
+
+    p = sub.add_parser("report", help="one HTML page per run: curves, worst utterances with audio and diffs",
+                       description="Write one self-contained HTML page (no network: plots, CSS, JS inline; "
+                       "audio embedded up to a size budget, linked by relative path beyond it) for training run "
+                       "folders or 'asr-lora eval' output folders: recipe and run info, CER/CER without spaces/"
+                       "WER/sWER/dev loss/non-speech share per checkpoint with the zero-shot point, hallucination "
+                       "indicators, and the best checkpoint's worst dev utterances with an audio player and a "
+                       "character diff. Several folders are shown side by side. Prints the page's path.")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="training run folder or 'asr-lora eval' output folder")
+    p.add_argument("--out", default=None, metavar="FILE", help="output file (default: the first RUN_DIR/report.html)")
+    p.add_argument("--worst", type=int, default=20, metavar="N",  # = report.WORST_N (not imported: --help stays fast)
+                   help="worst dev utterances shown per run (default: %(default)s)")
+    p.set_defaults(func=_cmd_report)
     return parser
 
 

@@ -123,6 +123,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
           f"{s['cer_nospace']:.4f}, WER {s['wer']:.4f}, sWER {s['swer']:.4f}; loops {s['loop_fraction']:.1%}, "
           f"insertions {s['insertion_rate']:.4f}, length ratio {s['length_ratio']:.3f}; RTF {rtf}")
     print(f"results in {out}/ (summary.json, summary.md, utterances.jsonl)")
+    from .report import write_report
+
+    print(f"report: {write_report([out])}")
     return 0
 
 

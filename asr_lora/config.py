@@ -125,6 +125,8 @@ class EvalConfig:
     max_new_tokens: int = doc(EVAL_MAX_NEW_TOKENS, "generation cap, also bounded per batch by 2 x the longest "
                               "reference + 8 tokens (untuned and 8-bit greedy decoding can loop)")
     num_beams: int = doc(1, "beam size (1: greedy)")
+    zero_shot: bool = doc(False, "also score the untouched base (full 30 s context) on dev before step 1: the "
+                          "zero-shot point of metrics.jsonl, cer.png and the report")
 
 
 @dataclass

@@ -15,6 +15,7 @@ from .config import load_recipe
 from .data.manifest import read_rows
 from .evaluate import EvalResult, evaluate_rows
 from .sources import ModelSource, load_transcriber
+from .report import write_report
 from .train import run_training
 
 REPO = Path(__file__).resolve().parents[1]
@@ -68,6 +69,7 @@ def run_demo(output_dir: str | None = None, overrides: list[str] = (), recipe: P
                "dev_cer_by_step": {m["step"]: m["cer"] for m in evals}, "examples": examples,
                "minutes": round(minutes, 1), "output_dir": str(out)}
     write_json_atomic(out / "demo_summary.json", summary)
+    print(f"report: {write_report([out])}")
     print(f"\ntest CER: zero-shot {base.report.cer:.4f} -> best checkpoint {tuned.report.cer:.4f} "
           f"(step {trainer.state.best_step}); {minutes:.1f} min; summary in {out / 'demo_summary.json'}")
     return summary

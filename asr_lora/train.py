@@ -240,6 +240,8 @@ class Trainer:
         bar = tqdm(total=cfg.train.max_steps, initial=st.step, desc="train", unit="step",
                    disable=not (self.progress and acc.is_main_process), dynamic_ncols=True)
         bad_in_a_row = 0
+        if cfg.eval.zero_shot and st.step == 0:
+            self.evaluate(zero_shot=True)
         self.model.train()
         while st.step < cfg.train.max_steps:
             t0 = time.perf_counter()
@@ -386,17 +388,20 @@ class Trainer:
 
     # ---------------------------------------------------------------- evaluate
     @torch.no_grad()
-    def evaluate(self) -> dict:
+    def evaluate(self, zero_shot: bool = False) -> dict:
         """CER/WER/sWER/dev loss on the dev rows (sharded over processes) through the same decode path
-        as ``asr-lora eval``; recorded, printed, plotted and sent to the trackers."""
-        from accelerate.utils import gather_object
+        as ``asr-lora eval``; recorded, printed, plotted and sent to the trackers. ``zero_shot``: the
+        untouched base (LoRA starts as a no-op) in its native 30 s context, before any step."""
+        from dataclasses import replace
 
         from .backends import HFTranscriber
-        from .evaluate import NothingToEvaluate, evaluate_rows, scored
+        from .evaluate import NothingToEvaluate, evaluate_rows
+        from .trimmed import apply_audio_context
 
         cfg, acc, st = self.cfg, self.accelerator, self.state
-        transcriber = HFTranscriber(acc.unwrap_model(self.model), self.tokenizer, self.settings, self.eval_options,
-                                    "training")
+        model, context = acc.unwrap_model(self.model), "full" if zero_shot else cfg.model.audio_context
+        transcriber = HFTranscriber(apply_audio_context(model, context), self.tokenizer,
+                                    replace(self.settings, audio_context=context), self.eval_options, "training")
         shard = self.dev_rows[acc.process_index::acc.num_processes]
         start, result, why = time.perf_counter(), None, "no dev rows"
         try:
@@ -404,20 +409,17 @@ class Trainer:
                                    before_batch=lambda k: k == 1 and self._test_pause("eval", st.step))
         except NothingToEvaluate as e:
             why = str(e)  # this shard was unreadable; others may not be: decide together
-        if acc.num_processes > 1:  # every process joins the gathers, whatever its shard gave (else they hang)
-            utterances = gather_object(result.utterances_in if result else [])
-            skipped = gather_object(result.skipped if result else [{"id": r.id, "reason": why} for r in shard])
-            losses = gather_object([(result.eval_loss or 0.0, result.report.n) if result else (0.0, 0)])
-            n = sum(k for _, k in losses)
-            try:
-                result = scored(utterances, skipped, eval_loss=sum(l * k for l, k in losses) / max(n, 1))
-            except NothingToEvaluate:
-                result = None
+        finally:
+            apply_audio_context(model, cfg.model.audio_context)
+        if acc.num_processes > 1:
+            result = gather_results(result, shard, why)
         if result is None:
             raise TrainingError(f"step {st.step}: no dev row of {cfg.data.dev} could be read ({why})")
         result.seconds = time.perf_counter() - start
         metrics = {"step": st.step, **result.metrics(), "bad_rows": st.bad_rows, "skipped_updates": st.skipped_updates}
-        if result.report.cer < st.best_cer:
+        if zero_shot:
+            metrics["zero_shot"] = True
+        elif result.report.cer < st.best_cer:
             st.best_cer, st.best_step = result.report.cer, st.step
             st.evals_without_improvement = 0
         else:
@@ -545,6 +547,23 @@ class Trainer:
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def gather_results(result, shard: list, why: str):
+    """The evaluation results of all processes, scored together (None when no process read a row).
+    Every process joins the gathers, whatever its shard gave: one that skipped them would hang the rest."""
+    from accelerate.utils import gather_object
+
+    from .evaluate import NothingToEvaluate, scored
+
+    utterances = gather_object(result.utterances_in if result else [])
+    skipped = gather_object(result.skipped if result else [{"id": r.id, "reason": why} for r in shard])
+    losses = gather_object([(result.eval_loss or 0.0, result.report.n) if result else (0.0, 0)])
+    n = sum(k for _, k in losses)
+    try:
+        return scored(utterances, skipped, eval_loss=sum(l * k for l, k in losses) / max(n, 1))
+    except NothingToEvaluate:
+        return None
 
 
 def restore_checkpoint(path: Path, acc, model, optimizer, scheduler) -> TrainerState:

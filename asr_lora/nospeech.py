@@ -10,6 +10,8 @@ How openai/whisper decides that a 30 s window holds no speech (``whisper/decodin
    predicts the language token or the no-speech token: ``softmax(logits[:, sot_index])[no_speech]``,
    on the raw logits (before any suppression; the no-speech token is always suppressed for sampling).
    The language/task tokens forced after SOT do not change it: the decoder is causal.
+   CTranslate2's ``Whisper.generate(..., return_no_speech_prob=True)`` returns the same number
+   (measured on the bundled base: equal to 4 decimals on 5 clips).
 2. **avg_logprob.** The log-probabilities of the sampled tokens, each from ``log_softmax`` of the
    logits *after* the logit filters (suppressed tokens, timestamp rules), summed over the text tokens
    and the ``<|endoftext|>``, divided by (number of text tokens + 1). See :func:`avg_logprob`.

@@ -39,24 +39,28 @@ _LOCK = threading.Lock()
 _MODEL = None
 
 
-def load_model():
-    """The Silero VAD TorchScript model, loaded on first use and shared (thread-safe).
+def _silero():
+    """The ``silero_vad`` package. Importing it sets torch's intra-op threads to 1 for the whole
+    process; that setting is put back, so the rest of the program (Whisper) keeps its threads."""
+    threads = torch.get_num_threads()
+    try:
+        with warnings.catch_warnings():  # the loader's own deprecated importlib / jit calls
+            warnings.simplefilter("ignore", DeprecationWarning)
+            import silero_vad
+    finally:
+        torch.set_num_threads(threads)
+    return silero_vad
 
-    Importing ``silero_vad`` sets torch's intra-op threads to 1 for the whole process; that setting is
-    put back, so the rest of the program (Whisper) keeps its threads.
-    """
+
+def load_model():
+    """The Silero VAD TorchScript model, loaded on first use and shared (thread-safe)."""
     global _MODEL
     with _LOCK:
         if _MODEL is None:
-            threads = torch.get_num_threads()
-            try:
-                with warnings.catch_warnings():  # the loader's own deprecated importlib / jit calls
-                    warnings.simplefilter("ignore", DeprecationWarning)
-                    from silero_vad import load_silero_vad
-
-                    _MODEL = load_silero_vad()
-            finally:
-                torch.set_num_threads(threads)
+            silero_vad = _silero()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
+                _MODEL = silero_vad.load_silero_vad()
         return _MODEL
 
 
@@ -93,10 +97,8 @@ def spans_from_probabilities(probs: list[float], n_samples: int, sr: int = 16000
                              max_span_s: float = MAX_PIECE_S) -> list[tuple[int, int]]:
     """Speech spans from per-window probabilities, by Silero's ``get_speech_timestamps_from_probs``;
     no span is longer than ``max_span_s`` (a longer one is cut at its longest internal silence)."""
-    from silero_vad import get_speech_timestamps_from_probs
-
     _check_rate(sr)
-    spans = get_speech_timestamps_from_probs(
+    spans = _silero().get_speech_timestamps_from_probs(
         probs, sampling_rate=sr, threshold=threshold, min_speech_duration_ms=min_speech_s * 1000,
         max_speech_duration_s=max_span_s, min_silence_duration_ms=min_silence_s * 1000,
         speech_pad_ms=speech_pad_s * 1000, audio_length_samples=n_samples)

@@ -127,8 +127,8 @@ def test_one_model_shared_across_threads_gives_the_serial_results():
 
 def test_loading_the_model_keeps_torch_threads():
     """silero_vad sets torch's threads to 1 on import; asr_lora.vad puts the setting back."""
-    code = ("import torch; torch.set_num_threads(2); from asr_lora.vad import load_model; load_model(); "
-            "print(torch.get_num_threads())")
+    code = ("import torch; torch.set_num_threads(2); from asr_lora import vad; vad.spans_from_probabilities([0.9] * 20, "
+            "20 * 512); vad.load_model(); print(torch.get_num_threads())")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "2"
 

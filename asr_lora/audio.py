@@ -63,6 +63,22 @@ class AudioError(UserError):
         return type(self), (self.path, self.reason)
 
 
+MIN_AUDIO_SECONDS = 0.001  # a whole file with less audio than this holds nothing (a WAV cut near its header)
+
+
+class ZeroLengthAudio(AudioError):
+    """A file whose header parses but that holds no audio (or under 1 ms of it): ``zero_length``."""
+
+
+def zero_length_reason(n_samples: int, sr: int) -> str | None:
+    """Why a whole file of ``n_samples`` at ``sr`` Hz is zero length, or None if it is not."""
+    if n_samples >= MIN_AUDIO_SECONDS * sr:
+        return None
+    if n_samples <= 0:
+        return "no audio samples"
+    return f"only {n_samples} audio samples ({n_samples / sr * 1000:.2f} ms): too few to hold sound; a file cut short?"
+
+
 # --- loading ------------------------------------------------------------------------------------
 
 
@@ -99,6 +115,8 @@ def load_audio(
     except Exception as e:  # soundfile/audioread raise many types; the caller needs the file name
         raise AudioError(path, f"cannot decode ({type(e).__name__}: {e})") from e
 
+    if offset is None and end is None and (empty := zero_length_reason(audio.shape[0], file_sr)):
+        raise ZeroLengthAudio(path, empty)
     if audio.shape[0] == 0:
         where = ("" if offset is None and end is None else
                  f" between {offset or 0.0:g} s and {'the end' if end is None else f'{end:g} s'} (past the end of the file?)")

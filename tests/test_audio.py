@@ -283,3 +283,56 @@ def test_empty_audio_raises_audio_error(tmp_path):
     sf.write(str(silent_wav), np.zeros(0, np.float32), SAMPLE_RATE)
     with pytest.raises(AudioError, match="zero_frames.wav"):
         load_audio(silent_wav)
+
+
+# --- zero-length files: a header that parses, no audio ------------------------------------------
+
+CUT_LAYOUTS = {  # name: soundfile arguments
+    "pcm16": dict(samplerate=16000, channels=1, format="WAV", subtype="PCM_16"),
+    "float-fact": dict(samplerate=16000, channels=1, format="WAV", subtype="FLOAT"),  # fact chunk before data
+    "wavex-24bit-stereo-48k": dict(samplerate=48000, channels=2, format="WAVEX", subtype="PCM_24"),
+}
+
+
+def write_cut_wav(path: Path, layout: str = "pcm16", extra_bytes: int = 0, streaming: bool = False) -> Path:
+    """A 1 s WAV cut ``extra_bytes`` after the end of its header (the ``data`` chunk's size field); its
+    header still says 1 s. ``streaming``: the RIFF and data sizes are 0xFFFFFFFF, as a pipe writer leaves them."""
+    import io
+
+    args = dict(CUT_LAYOUTS[layout])
+    buf = io.BytesIO()
+    noise = np.random.default_rng(0).uniform(-0.1, 0.1, (args["samplerate"], args.pop("channels")))
+    sf.write(buf, noise, **args)
+    data = bytearray(buf.getvalue())
+    header_end = data.index(b"data") + 8
+    if streaming:
+        data[4:8] = data[header_end - 4:header_end] = b"\xff\xff\xff\xff"
+    path.write_bytes(bytes(data[: header_end + extra_bytes]))
+    return path
+
+
+@pytest.mark.parametrize("layout", sorted(CUT_LAYOUTS))
+def test_wav_cut_after_its_header_is_zero_length(tmp_path, layout):
+    from asr_lora.audio import ZeroLengthAudio
+
+    path = write_cut_wav(tmp_path / f"{layout}.wav", layout)
+    assert audio_info(path)[0] == 0.0  # the header parses
+    with pytest.raises(ZeroLengthAudio, match=f"{layout}.wav: no audio samples$"):
+        load_audio(path)
+    streamed = write_cut_wav(tmp_path / f"{layout}-stream.wav", layout, streaming=True)
+    with pytest.raises(ZeroLengthAudio, match="no audio samples"):
+        load_audio(streamed)
+
+
+def test_a_few_samples_after_the_header_are_zero_length_but_one_millisecond_is_audio(tmp_path):
+    from asr_lora.audio import MIN_AUDIO_SECONDS, ZeroLengthAudio
+
+    with pytest.raises(ZeroLengthAudio, match=r"only 3 audio samples \(0.19 ms\)") as err:
+        load_audio(write_cut_wav(tmp_path / "three.wav", extra_bytes=6))  # 16-bit mono: 3 samples
+    assert isinstance(err.value, AudioError) and isinstance(pickle.loads(pickle.dumps(err.value)), ZeroLengthAudio)
+    one_ms = int(MIN_AUDIO_SECONDS * SAMPLE_RATE)
+    assert len(load_audio(write_cut_wav(tmp_path / "one_ms.wav", extra_bytes=2 * one_ms))) == one_ms
+    # a segment keeps its own wording (and is a plain AudioError): the file itself is not empty
+    with pytest.raises(AudioError, match="between 5 s and the end") as err:
+        load_audio(ASSETS / "ko_greeting.flac", offset=5.0)
+    assert not isinstance(err.value, ZeroLengthAudio)

@@ -304,3 +304,27 @@ def test_read_rows_absolute_paths_typed_ids(mixed):
     assert rows[4].offset == 10.0 and rows[0].offset is None  # typed, absent -> None
     assert rows[1].extra["speaker"] == "s1" and rows[0].language == "ko"
     assert len(load_audio(rows[4].audio, rows[4].offset, rows[4].end)) == 5 * 16000
+
+
+def test_wav_cut_after_its_header_is_zero_length(tmp_path, tiny_whisper):
+    """A header that parses but no audio (or a few samples of it) is dropped as zero_length, never kept
+    with duration 0.0; the good row next to it is kept."""
+    from .test_audio import write_cut_wav
+
+    write_cut_wav(tmp_path / "header_only.wav")
+    write_cut_wav(tmp_path / "stereo_48k.wav", "wavex-24bit-stereo-48k", streaming=True)
+    write_cut_wav(tmp_path / "three_samples.wav", extra_bytes=6)
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in [
+        {"audio": "header_only.wav", "text": "비어 있음"},
+        {"audio": "stereo_48k.wav", "text": "비어 있음"},
+        {"audio": "three_samples.wav", "text": "거의 비어 있음"},
+        {"audio": str(ASSETS / "ko_greeting.flac"), "text": "안녕하세요"},
+    ]), encoding="utf-8")
+    report = prepare_manifest(manifest, tmp_path / "out", str(tiny_whisper), progress=False)
+    assert report["kept"] == 1 and report["dropped_by_reason"] == {"zero_length": 3}
+    details = {Path(d["audio"]).name: d["detail"] for d in report["dropped_rows"]}
+    assert details == {"header_only.wav": "no audio samples", "stereo_48k.wav": "no audio samples",
+                       "three_samples.wav": details["three_samples.wav"]}
+    assert details["three_samples.wav"].startswith("only 3 audio samples")
+    assert [r["id"] for r in _read_jsonl(tmp_path / "out" / "m.jsonl")] == ["m-4"]

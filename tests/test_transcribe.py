@@ -279,3 +279,29 @@ def test_only_one_model_source(tiny_whisper, tmp_path):
     with pytest.raises(UserError, match="give one of --model, --adapter, --merged, --ct2, not 2"):
         source_from_args(argparse.Namespace(source_model=str(tiny_whisper), source_merged=str(tmp_path)))
     assert source_from_args(argparse.Namespace()) == ModelSource("model", "bundled:whisper-base")
+
+
+def test_zero_length_audio_is_a_reported_failure_not_an_empty_transcript(tiny_whisper, tmp_path, capsys):
+    """A WAV cut right after its header (or a few samples later): transcribe skips it with the reason and
+    exits 1, writing no (empty) transcript for it; eval skips the row with the same reason."""
+    from .test_audio import write_cut_wav
+
+    header_only = write_cut_wav(tmp_path / "header_only.wav")
+    three = write_cut_wav(tmp_path / "three_samples.wav", extra_bytes=6)
+    out_dir = tmp_path / "out"
+    code, _, err = run([header_only, ASSETS / "ko_greeting.flac", three, "--model", tiny_whisper,
+                        "--format", "json", "--out", out_dir], capsys)
+    assert code == 1
+    assert f"skipped {header_only}: no audio samples" in err
+    assert f"skipped {three}: only 3 audio samples" in err and "2 of 3 input(s) failed" in err
+    assert sorted(p.name for p in out_dir.iterdir()) == ["ko_greeting.json"]
+
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text(json.dumps({"id": "cut", "audio": str(header_only), "text": "없음"}) + "\n"
+                        + json.dumps({"id": "ok", "audio": str(ASSETS / "ko_greeting.flac"), "text": "안녕하세요"}) + "\n",
+                        encoding="utf-8")
+    assert main(["eval", "--data", str(manifest), "--model", str(tiny_whisper), "--out", str(tmp_path / "eval"),
+                 "--max-new-tokens", TOKENS, "--no-progress"]) == 0
+    summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
+    assert summary["n"] == 1
+    assert summary["skipped_rows"] == [{"id": "cut", "reason": f"{header_only}: no audio samples"}]

@@ -41,7 +41,7 @@ from tqdm import tqdm
 import numpy as np
 
 from asr_lora.atomic import atomic_file, write_json_atomic
-from asr_lora.audio import SAMPLE_RATE, AudioError, audio_info, load_audio
+from asr_lora.audio import SAMPLE_RATE, AudioError, ZeroLengthAudio, audio_info, load_audio, zero_length_reason
 from asr_lora.data import _chunks
 from asr_lora.errors import UserError
 
@@ -545,8 +545,8 @@ def check_audio(row: ManifestRow, max_duration: float = 30.0) -> Drop | AudioChe
         if os.path.getsize(path) == 0:
             return Drop("zero_length", "empty file (0 bytes)")
         file_duration, sample_rate, channels = audio_info(path)
-        if file_duration <= 0:
-            return Drop("zero_length", "no audio samples")
+        if empty := zero_length_reason(round(file_duration * sample_rate), sample_rate):
+            return Drop("zero_length", empty)
         if row.is_segment:
             start = row.offset or 0.0
             stop = file_duration if row.end is None else min(row.end, file_duration)
@@ -560,6 +560,8 @@ def check_audio(row: ManifestRow, max_duration: float = 30.0) -> Drop | AudioChe
             return Drop("too_long", f"{file_duration:.2f} s > {max_duration:g} s; split it or give offset/end segments")
         # Decode at the file's own rate: every sample is read, nothing resampled.
         audio = load_audio(path, offset=row.offset, end=row.end, sr=sample_rate)
+    except ZeroLengthAudio as e:  # the header promised samples that are not there
+        return Drop("zero_length", e.reason)
     except AudioError as e:
         return Drop("unreadable_audio", e.reason)
     except Exception as e:  # a corrupt file can fail anywhere; one bad row never stops the run

@@ -6,6 +6,14 @@ evaluation, ``asr-lora eval``, ``transcribe``, the parity checks of merge/export
 decode through :meth:`HFTranscriber.decode` / :meth:`CT2Transcriber.decode`, so the dev CER in
 ``metrics.jsonl`` and ``asr-lora eval`` of the same checkpoint on the same rows agree by construction.
 Which model a source names, and how it loads, is :mod:`asr_lora.sources`.
+
+Non-speech, as openai/whisper and faster-whisper judge it (:mod:`asr_lora.nospeech`): every
+hypothesis carries the probability of the no-speech token at the ``<|startoftranscript|>`` position,
+its average log-probability and the compression ratio of its text. A result that is too repetitive
+or too unsure is decoded again at the next of ``DecodeOptions.temperatures`` (sampling, seeded); a
+result with ``no_speech_prob`` above ``no_speech_threshold`` that is not confident (``avg_logprob``
+at most ``logprob_threshold``, or repetitive) is silence: its text is empty and ``skip_reason`` says
+``no_speech``.
 """
 
 from __future__ import annotations
@@ -19,10 +27,44 @@ import numpy as np
 from .audio import log_mel_spectrogram
 from .defaults import MAX_DECODER_TOKENS, TRANSCRIBE_MAX_NEW_TOKENS
 from .errors import UserError
+from .nospeech import (
+    COMPRESSION_RATIO_THRESHOLD,
+    LOGPROB_THRESHOLD,
+    NO_SPEECH_THRESHOLD,
+    compression_ratio,
+    is_silent,
+    needs_fallback,
+    no_speech_token_id,
+)
 from .settings import ModelSettings
 from .trimmed import audio_context_of, feature_padding
 
 PROMPT_LENGTH = 4  # <|startoftranscript|><|lang|><|task|><|notimestamps|>
+FALLBACK_TEMPERATURES = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)  # openai/whisper's and faster-whisper's
+SAMPLING_SEED = 0  # temperature fallback samples with a fixed seed: the same input gives the same text
+
+
+@dataclass
+class Hypothesis:
+    """One decoded piece: its text and the signals that judged it."""
+
+    text: str
+    no_speech_prob: float | None = None
+    avg_logprob: float | None = None
+    compression_ratio: float | None = None
+    temperature: float = 0.0
+    skip_reason: str | None = None  # why the text is empty: "no_speech" (Whisper's own signal)
+
+    def to_json(self) -> dict:
+        out = {"no_speech_prob": _round(self.no_speech_prob), "avg_logprob": _round(self.avg_logprob),
+               "compression_ratio": _round(self.compression_ratio), "temperature": self.temperature}
+        if self.skip_reason:
+            out["skip_reason"] = self.skip_reason
+        return out
+
+
+def _round(x: float | None) -> float | None:
+    return None if x is None else round(float(x), 4)
 
 
 @dataclass
@@ -37,6 +79,12 @@ class DecodeOptions:
     # as its reference is already all errors, and the bound stops untuned or 8-bit models from looping
     # to the cap.
     bound_by_reference: bool = False
+    # Non-speech and fallback (openai/whisper's defaults; None turns a rule off). Scoring decodes once
+    # (temperatures=(0.0,)); transcription and serving fall back through FALLBACK_TEMPERATURES.
+    no_speech_threshold: float | None = NO_SPEECH_THRESHOLD
+    logprob_threshold: float | None = LOGPROB_THRESHOLD
+    compression_ratio_threshold: float | None = COMPRESSION_RATIO_THRESHOLD
+    temperatures: tuple[float, ...] = FALLBACK_TEMPERATURES
 
     def __post_init__(self):
         if not 1 <= self.max_new_tokens <= MAX_DECODER_TOKENS:
@@ -44,6 +92,9 @@ class DecodeOptions:
                             f"positions), got {self.max_new_tokens}")
         if self.num_beams < 1:
             raise UserError(f"num_beams must be at least 1, got {self.num_beams}")
+        self.temperatures = tuple(self.temperatures) or (0.0,)
+        if any(t < 0 for t in self.temperatures):
+            raise UserError(f"temperatures must be >= 0, got {self.temperatures}")
 
 
 class Transcriber(Protocol):
@@ -54,8 +105,8 @@ class Transcriber(Protocol):
     options: DecodeOptions
 
     def decode(self, audios: list[np.ndarray], references: list[str] | None = None,
-               on_encoded: Callable | None = None) -> list[str]:
-        """Transcripts of 16 kHz mono float32 clips, each at most 30 s."""
+               on_encoded: Callable | None = None) -> list[Hypothesis]:
+        """Hypotheses for 16 kHz mono float32 clips, each at most 30 s."""
 
     def transcribe_batch(self, audios: list[np.ndarray]) -> list[str]:
         """Transcripts of 16 kHz mono float32 clips, each at most 30 s."""
@@ -86,7 +137,32 @@ class _Decoding:
         return cap
 
     def transcribe_batch(self, audios: list[np.ndarray]) -> list[str]:
-        return self.decode(audios) if audios else []
+        return [h.text for h in self.decode(audios)] if audios else []
+
+    def _judge(self, first: list[Hypothesis], redecode: Callable[[list[int], float], list[Hypothesis]]
+               ) -> list[Hypothesis]:
+        """Temperature fallback for the hypotheses that need it, then the silence rule."""
+        o = self.options
+        hyps = list(first)
+        for temperature in o.temperatures[1:]:
+            todo = [i for i, h in enumerate(hyps) if needs_fallback(
+                h.compression_ratio, h.avg_logprob, h.no_speech_prob, o.compression_ratio_threshold,
+                o.logprob_threshold, o.no_speech_threshold)]
+            if not todo:
+                break
+            for i, h in zip(todo, redecode(todo, temperature)):
+                h.no_speech_prob, h.temperature = hyps[i].no_speech_prob, temperature
+                hyps[i] = h
+        for h in hyps:
+            if h.text and is_silent(h.no_speech_prob, h.avg_logprob, o.no_speech_threshold, o.logprob_threshold,
+                                    h.compression_ratio, o.compression_ratio_threshold or float("inf")):
+                h.text, h.skip_reason = "", "no_speech"
+        return hyps
+
+
+def _hypothesis(text: str, avg_lp: float | None, no_speech_p: float | None, temperature: float) -> Hypothesis:
+    text = text.strip()
+    return Hypothesis(text, no_speech_p, avg_lp, compression_ratio(text) if text else 0.0, temperature)
 
 
 class HFTranscriber(_Decoding):
@@ -100,8 +176,10 @@ class HFTranscriber(_Decoding):
         self.model = model
         self.tokenizer = tokenizer
         self._setup(settings, options, description)
-        whisper = model.get_base_model() if hasattr(model, "get_base_model") else model
-        self.n_mels = whisper.config.num_mel_bins
+        self.whisper = model.get_base_model() if hasattr(model, "get_base_model") else model
+        self.n_mels = self.whisper.config.num_mel_bins
+        self.no_speech_id = no_speech_token_id(tokenizer)
+        self.sot_id = self.whisper.generation_config.decoder_start_token_id
 
     @property
     def device(self):
@@ -127,27 +205,72 @@ class HFTranscriber(_Decoding):
         with torch.no_grad():
             return self.model.get_encoder()(self.features(audios))
 
-    def generate_ids(self, audios: list[np.ndarray], encoded=None, cap: int | None = None):
-        """Output ids (batch, tokens) including the forced prompt tokens."""
+    def _generate(self, encoded, cap: int | None = None, temperature: float = 0.0):
         import torch
 
-        encoded = encoded if encoded is not None else self.encode(audios)
+        sampling = {"do_sample": True, "temperature": temperature, "top_k": 0} if temperature > 0 else \
+            {"do_sample": False, "num_beams": self.options.num_beams}
         with torch.no_grad():
-            out = self.model.generate(encoder_outputs=encoded, language=self.language, task=self.task,
-                                      max_new_tokens=cap or self.options.max_new_tokens,
-                                      num_beams=self.options.num_beams, do_sample=False, use_cache=True,
-                                      return_dict_in_generate=True)
-        return out.sequences
+            return self.model.generate(encoder_outputs=encoded, language=self.language, task=self.task,
+                                       max_new_tokens=cap or self.options.max_new_tokens, use_cache=True,
+                                       return_dict_in_generate=True, output_scores=True, **sampling)
+
+    def generate_ids(self, audios: list[np.ndarray], encoded=None, cap: int | None = None):
+        """Greedy output ids (batch, tokens) including the forced prompt tokens."""
+        return self._generate(encoded if encoded is not None else self.encode(audios), cap).sequences
+
+    def no_speech_probs(self, encoded) -> list[float]:
+        """Probability of the no-speech token after ``<|startoftranscript|>``, per clip (raw logits)."""
+        import torch
+
+        from .nospeech import no_speech_prob
+
+        n = encoded.last_hidden_state.shape[0]
+        sot = torch.full((n, 1), self.sot_id, dtype=torch.long, device=encoded.last_hidden_state.device)
+        with torch.no_grad():
+            logits = self.model(encoder_outputs=encoded, decoder_input_ids=sot, use_cache=False).logits
+        return no_speech_prob(logits, self.no_speech_id).tolist()
+
+    def _hypotheses(self, encoded, cap: int, temperature: float, no_speech: list[float]) -> list[Hypothesis]:
+        from .nospeech import avg_logprob
+
+        out = self._generate(encoded, cap, temperature)
+        eos = self.whisper.generation_config.eos_token_id
+        generated = out.sequences[:, out.sequences.shape[1] - len(out.scores):]
+        if self.options.num_beams > 1 and temperature == 0:
+            sums = [float(x) for x in out.sequences_scores]  # beam search: length-normalised already
+            lengths = [0] * len(sums)
+        else:
+            step = self.whisper.compute_transition_scores(out.sequences, out.scores, normalize_logits=True)
+            sums, lengths = [], []
+            for row, scores in zip(generated.tolist(), step):
+                n = row.index(eos) if eos in row else len(row)  # text tokens; the EOT's log-prob counts too
+                sums.append(float(scores[: n + 1].sum()))
+                lengths.append(n)
+        texts = self.tokenizer.batch_decode(generated, skip_special_tokens=True)
+        return [_hypothesis(t, avg_logprob(s, n), p, temperature)
+                for t, s, n, p in zip(texts, sums, lengths, no_speech)]
 
     def decode(self, audios: list[np.ndarray], references: list[str] | None = None,
-               on_encoded: Callable | None = None) -> list[str]:
-        """Transcripts; ``on_encoded(encoder_outputs)`` lets a caller reuse the encoder pass (the
+               on_encoded: Callable | None = None) -> list[Hypothesis]:
+        """Hypotheses; ``on_encoded(encoder_outputs)`` lets a caller reuse the encoder pass (the
         teacher-forced dev loss in training)."""
+        import torch
+        from transformers.modeling_outputs import BaseModelOutput
+
         encoded = self.encode(audios)
         if on_encoded is not None:
             on_encoded(encoded)
-        ids = self.generate_ids(audios, encoded, self.cap(references))
-        return [t.strip() for t in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
+        cap, no_speech = self.cap(references), self.no_speech_probs(encoded)
+
+        def redecode(idx: list[int], temperature: float) -> list[Hypothesis]:
+            subset = BaseModelOutput(last_hidden_state=encoded.last_hidden_state[idx])
+            devices = [self.device] if self.device.type == "cuda" else []
+            with torch.random.fork_rng(devices=devices):
+                torch.manual_seed(SAMPLING_SEED)
+                return self._hypotheses(subset, cap, temperature, [no_speech[i] for i in idx])
+
+        return self._judge(self._hypotheses(encoded, cap, 0.0, no_speech), redecode)
 
 
 class CT2Transcriber(_Decoding):
@@ -177,24 +300,45 @@ class CT2Transcriber(_Decoding):
     def features(self, audios: list[np.ndarray]) -> np.ndarray:
         return np.ascontiguousarray(self._features(audios).numpy())
 
-    def generate_ids(self, audios: list[np.ndarray], cap: int | None = None) -> list[list[int]]:
-        """Output ids per clip, without the prompt."""
+    def _results(self, features: np.ndarray, cap: int, temperature: float = 0.0):
         import ctranslate2
 
-        cap = cap or self.options.max_new_tokens
-        features = ctranslate2.StorageView.from_array(self.features(audios))
+        if temperature > 0:
+            ctranslate2.set_random_seed(SAMPLING_SEED)
+            sampling = {"beam_size": 1, "sampling_topk": 0, "sampling_temperature": temperature}
+        else:
+            sampling = {"beam_size": self.options.num_beams}
         # CTranslate2's Whisper decodes at most max_length / 2 tokens (openai's sample_len rule), and
         # fewer for max_length < 6 (measured with 4.8); ask for a little more and cut to the cap.
-        results = self.model.generate(features, [self.prompt] * len(audios), beam_size=self.options.num_beams,
-                                      max_length=2 * max(cap, 4), suppress_blank=True, suppress_tokens=[-1])
-        return [r.sequences_ids[0][:cap] for r in results]
+        return self.model.generate(ctranslate2.StorageView.from_array(features), [self.prompt] * len(features),
+                                   max_length=2 * max(cap, 4), suppress_blank=True, suppress_tokens=[-1],
+                                   return_scores=True, return_no_speech_prob=True, **sampling)
+
+    def generate_ids(self, audios: list[np.ndarray], cap: int | None = None) -> list[list[int]]:
+        """Greedy output ids per clip, without the prompt."""
+        cap = cap or self.options.max_new_tokens
+        return [r.sequences_ids[0][:cap] for r in self._results(self.features(audios), cap)]
+
+    def _hypotheses(self, features: np.ndarray, cap: int, temperature: float) -> list[Hypothesis]:
+        from .nospeech import avg_logprob
+
+        hyps = []
+        for r in self._results(features, cap, temperature):
+            ids = r.sequences_ids[0][:cap]
+            # CTranslate2's score is the summed log-prob over the tokens (EOT included) / their number
+            # (length_penalty 1): faster-whisper's reading, then openai's average
+            n = len(r.sequences_ids[0])
+            hyps.append(_hypothesis(self.tokenizer.decode(ids, skip_special_tokens=True),
+                                    avg_logprob(r.scores[0] * n, n), r.no_speech_prob, temperature))
+        return hyps
 
     def decode(self, audios: list[np.ndarray], references: list[str] | None = None,
-               on_encoded: Callable | None = None) -> list[str]:
+               on_encoded: Callable | None = None) -> list[Hypothesis]:
         if on_encoded is not None:
             raise ValueError("a CTranslate2 model exposes no encoder outputs (no teacher-forced loss)")
-        ids = self.generate_ids(audios, self.cap(references))
-        return [self.tokenizer.decode(row, skip_special_tokens=True).strip() for row in ids]
+        features, cap = self.features(audios), self.cap(references)
+        return self._judge(self._hypotheses(features, cap, 0.0),
+                           lambda idx, t: self._hypotheses(np.ascontiguousarray(features[idx]), cap, t))
 
 
 def torch_device(device: str | None) -> str:

@@ -21,6 +21,7 @@ from .defaults import (
     TRANSCRIBE_BATCH_SIZE,
     TRANSCRIBE_MAX_NEW_TOKENS,
 )
+from .nospeech import COMPRESSION_RATIO_THRESHOLD, LOGPROB_THRESHOLD, NO_SPEECH_THRESHOLD
 from .sources import add_source_arguments, source_from_args
 
 
@@ -79,13 +80,27 @@ def _cmd_prepare_manifest(args: argparse.Namespace) -> int:
 
 
 def _cmd_transcribe(args: argparse.Namespace) -> int:
-    from .backends import DecodeOptions
+    from .backends import FALLBACK_TEMPERATURES, DecodeOptions
     from .transcribe import transcribe_paths
 
-    options = DecodeOptions(language=args.language, max_new_tokens=args.max_new_tokens)
+    options = DecodeOptions(language=args.language, max_new_tokens=args.max_new_tokens,
+                            no_speech_threshold=args.no_speech_threshold, logprob_threshold=args.logprob_threshold,
+                            compression_ratio_threshold=args.compression_ratio_threshold,
+                            temperatures=(0.0,) if args.no_fallback else FALLBACK_TEMPERATURES)
     failures = transcribe_paths(args.paths, source_from_args(args), options, fmt=args.format, out=args.out,
-                                batch_size=args.batch_size, progress=not args.no_progress, split=args.split)
+                                batch_size=args.batch_size, progress=not args.no_progress, split=args.split,
+                                vad=not args.no_vad)
     return 1 if failures else 0
+
+
+def _threshold(text: str) -> float | None:
+    """A threshold from the command line: a number, or "off" (that rule is not applied)."""
+    if str(text).lower() in ("off", "none"):
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'off', got {text!r}") from None
 
 
 def _default_eval_dir(source, manifest: str) -> Path:
@@ -106,7 +121,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     source = source_from_args(args)
     out = Path(args.out) if args.out else _default_eval_dir(source, args.data)
     options = DecodeOptions(language=args.language, max_new_tokens=args.max_new_tokens, num_beams=args.num_beams,
-                            bound_by_reference=not args.no_reference_bound)
+                            bound_by_reference=not args.no_reference_bound, temperatures=(0.0,))
     transcriber = load_transcriber(source, options)
     result = evaluate_manifest(transcriber, args.data, batch_size=args.batch_size, limit=args.limit,
                                progress=not args.no_progress)
@@ -283,11 +298,27 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pieces (up to 30 s each) per batch (default: %(default)s)")
     p.add_argument("--max-new-tokens", type=int, default=TRANSCRIBE_MAX_NEW_TOKENS,
                    help="generation cap per piece (default: %(default)s, half Whisper's 448 positions)")
+    p.add_argument("--no-vad", action="store_true",
+                   help="no voice activity detection: decode every piece (default: Silero VAD cuts audio at "
+                   "its speech boundaries into pieces of at most 30 s and leaves the stretches without speech "
+                   "undecoded)")
     p.add_argument("--split", choices=["auto", "pauses", "windows"], default="auto",
-                   help="how audio over 30 s is cut: 'pauses' at every pause of 0.4 s or more (pieces of 2-30 "
-                   "s, utterance-sized cues), 'windows' into 25-30 s windows at the quietest 200 ms (fewest "
-                   "windows); 'auto' (default): pauses for a model trained with the trimmed audio context, "
-                   "whose encoder costs only a piece's length, windows otherwise")
+                   help="with --no-vad, how audio over 30 s is cut: 'pauses' at every pause of 0.4 s or more "
+                   "(pieces of 2-30 s, utterance-sized cues), 'windows' into 25-30 s windows at the quietest "
+                   "200 ms (fewest windows); 'auto' (default): pauses for a model trained with the trimmed "
+                   "audio context, whose encoder costs only a piece's length, windows otherwise")
+    p.add_argument("--no-speech-threshold", type=_threshold, default=NO_SPEECH_THRESHOLD, metavar="P|off",
+                   help="a piece whose no-speech probability exceeds this and whose decoding is not confident "
+                   "is silence, left empty (default: %(default)s, openai/whisper's)")
+    p.add_argument("--logprob-threshold", type=_threshold, default=LOGPROB_THRESHOLD, metavar="LP|off",
+                   help="a decoding whose average log-probability is above this is confident, and below it "
+                   "unsure (decoded again at a higher temperature) (default: %(default)s)")
+    p.add_argument("--compression-ratio-threshold", type=_threshold, default=COMPRESSION_RATIO_THRESHOLD,
+                   metavar="R|off", help="text more compressible than this is a repetition loop: decoded again "
+                   "at a higher temperature, and never confident (default: %(default)s)")
+    p.add_argument("--no-fallback", action="store_true",
+                   help="decode once, greedily (default: re-decode unsure or looping pieces at temperatures "
+                   "0.2, 0.4, ... 1.0, as openai/whisper does)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_transcribe)
 

@@ -25,7 +25,7 @@ DEMO_RECIPE = REPO / "recipes" / "demo" / "whisper-base_lora.yaml"
 def _score(source: ModelSource, rows, cfg) -> EvalResult:
     """The test rows decoded as training's dev evaluation decodes (same options and batches)."""
     options = DecodeOptions(language=cfg.model.language, task=cfg.model.task, max_new_tokens=cfg.eval.max_new_tokens,
-                            num_beams=cfg.eval.num_beams, bound_by_reference=True)
+                            num_beams=cfg.eval.num_beams, bound_by_reference=True, temperatures=(0.0,))
     return evaluate_rows(load_transcriber(source, options), rows, batch_size=cfg.eval.batch_size, progress=True)
 
 

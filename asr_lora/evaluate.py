@@ -21,6 +21,7 @@ SUMMARY_KEYS = ("n", "cer", "cer_nospace", "wer", "swer", "insertion_rate", "loo
                 "decode_seconds", "audio_seconds", "rtf", "skipped")
 WORST_SHOWN = 10
 UTTERANCES_FILE = "utterances.jsonl"
+SIGNAL_KEYS = ("no_speech_prob", "avg_logprob", "compression_ratio", "temperature", "skip_reason")
 LONG_HINT = "; eval scores single Whisper windows, use transcribe for long audio"
 
 
@@ -39,7 +40,8 @@ class EvalResult:
     audio_seconds: float = 0.0
     seconds: float = 0.0  # the whole pass
     eval_loss: float | None = None
-    extra: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)  # nonspeech_n, nonspeech_share when non-speech rows were decoded
+    nonspeech: list[dict] = field(default_factory=list)  # the non-speech rows decoded, with their hyps
 
     @property
     def ids(self) -> list[str]:
@@ -58,7 +60,7 @@ class EvalResult:
         r = self.report
         return {"cer": r.cer, "cer_nospace": r.cer_nospace, "wer": r.wer, "swer": r.swer,
                 "eval_loss": self.eval_loss, "eval_seconds": round(self.seconds, 3), "eval_n": r.n,
-                "eval_skipped": len(self.skipped)}
+                "eval_skipped": len(self.skipped), **self.extra}
 
     def summary(self) -> dict:
         """``asr-lora eval``'s summary.json keys."""
@@ -69,10 +71,11 @@ class EvalResult:
                 "length_ratio": r.length_ratio, "decode_seconds": round(self.decode_seconds, 3),
                 "audio_seconds": round(self.audio_seconds, 3),
                 "rtf": self.decode_seconds / self.audio_seconds if self.audio_seconds else None,
-                "skipped": len(self.skipped), "skipped_rows": self.skipped, "n_loops": loops}
+                "skipped": len(self.skipped), "skipped_rows": self.skipped, "n_loops": loops, **self.extra}
 
     def utterances(self) -> list[dict]:
-        """utterances.jsonl lines: the row, its character errors and rates, the loop flag."""
+        """utterances.jsonl lines: the row, its character errors and rates, the loop flag, the
+        no-speech signals; then the non-speech rows (``nonspeech: true``, no error counts)."""
         out = []
         for u, s in zip(self.utterances_in, self.report.utterances):
             line = {"id": u["id"], "audio": u["audio"], "duration": u["duration"]}
@@ -80,17 +83,30 @@ class EvalResult:
             line.update({"ref": u["ref"], "hyp": u["hyp"], "errors": s["char_errors"], "ref_chars": s["ref_chars"],
                          "cer": s["cer"], "cer_nospace": s["cer_nospace"], "wer": s["wer"],
                          "loop": hypothesis_loops(u["hyp"], u["ref"])})
+            line.update({k: u[k] for k in SIGNAL_KEYS if k in u})
             out.append(line)
+        for u in self.nonspeech:
+            out.append({k: v for k, v in u.items() if v is not None or k in SIGNAL_KEYS} | {"loop": False})
         return out
 
 
 def scored(utterances: list[dict], skipped: list[dict], **kwargs) -> EvalResult:
-    """An :class:`EvalResult` of already decoded utterances (e.g. gathered from several processes)."""
-    if not utterances:
+    """An :class:`EvalResult` of already decoded utterances (e.g. gathered from several processes).
+
+    Speech rows are scored (CER, WER, ...); intended non-speech rows (``nonspeech``) are not: their
+    number and the share that got any output go to ``extra`` (``nonspeech_n``, ``nonspeech_share``)."""
+    speech = [u for u in utterances if not u.get("nonspeech")]
+    silent = [u for u in utterances if u.get("nonspeech")]
+    if not speech:
         first = f" (first: {skipped[0]['id']}: {skipped[0]['reason']})" if skipped else ""
-        raise NothingToEvaluate(f"nothing to evaluate: all {len(skipped)} rows were skipped{first}")
-    report = score([u["ref"] for u in utterances], [u["hyp"] for u in utterances], ids=[u["id"] for u in utterances])
-    return EvalResult(report=report, utterances_in=utterances, skipped=skipped, **kwargs)
+        what = f"no speech row among the {len(silent)} decoded" if silent else f"all {len(skipped)} rows were skipped"
+        raise NothingToEvaluate(f"nothing to evaluate: {what}{first}")
+    report = score([u["ref"] for u in speech], [u["hyp"] for u in speech], ids=[u["id"] for u in speech])
+    result = EvalResult(report=report, utterances_in=speech, skipped=skipped, **kwargs)
+    if silent:
+        result.extra.update(nonspeech_n=len(silent), nonspeech_share=sum(bool(u["hyp"]) for u in silent) / len(silent))
+        result.nonspeech = silent
+    return result
 
 
 def evaluate_rows(transcriber, rows: Sequence[ManifestRow], *, batch_size: int = 16,
@@ -148,7 +164,8 @@ def evaluate_rows(transcriber, rows: Sequence[ManifestRow], *, batch_size: int =
                 audio_seconds += duration
                 row = rows[i]
                 done.append((i, {"id": row.id, "audio": row.audio, "offset": row.offset, "end": row.end,
-                                 "duration": round(duration, 3), "ref": row.text, "hyp": hyp}))
+                                 "duration": round(duration, 3), "ref": row.text, "hyp": hyp.text,
+                                 "nonspeech": row.nonspeech, **hyp.to_json()}))
     finally:
         if was_training:
             model.train()

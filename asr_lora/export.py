@@ -192,7 +192,7 @@ def merge_adapter(checkpoint: str | Path, out: str | Path, *, dtype: str = "floa
     times = {}
 
     t0 = time.perf_counter()
-    options = DecodeOptions(max_new_tokens=max_new_tokens)
+    options = DecodeOptions(max_new_tokens=max_new_tokens, temperatures=(0.0,), no_speech_threshold=None)
     peft_model, processor, settings = load_hf(ModelSource("adapter", str(checkpoint)), dtype=dtype)
     base = settings.base_model
     adapter = HFTranscriber(peft_model, processor.tokenizer, settings, options, f"adapter:{checkpoint}")
@@ -322,7 +322,7 @@ def export_ct2(merged_dir: str | Path, out: str | Path, *, quantization: str = "
 
         t0 = time.perf_counter()
         log(f"parity: CER of the export vs the merged model on {len(clips)} clips of {manifest}")
-        options = DecodeOptions(max_new_tokens=max_new_tokens)
+        options = DecodeOptions(max_new_tokens=max_new_tokens, temperatures=(0.0,), no_speech_threshold=None)
         hf_model, processor, hf_settings = load_hf(source)
         hf = HFTranscriber(hf_model, processor.tokenizer, hf_settings, options, f"merged:{merged_dir}")
         ct = CT2Transcriber(work, settings, options)

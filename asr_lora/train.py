@@ -199,7 +199,7 @@ class Trainer:
         self.settings = settings_from_recipe(cfg)
         self.eval_options = DecodeOptions(language=cfg.model.language, task=cfg.model.task,
                                           max_new_tokens=cfg.eval.max_new_tokens, num_beams=cfg.eval.num_beams,
-                                          bound_by_reference=True)
+                                          bound_by_reference=True, temperatures=(0.0,))
         padding, multiple = feature_padding(cfg.model.audio_context)
         self.collator = WhisperCollator(self.tokenizer, n_mels=model.config.num_mel_bins, padding=padding,
                                         pad_to_multiple_of=multiple, max_label_tokens=cfg.data.max_label_tokens,
@@ -556,7 +556,7 @@ def gather_results(result, shard: list, why: str):
 
     from .evaluate import NothingToEvaluate, scored
 
-    utterances = gather_object(result.utterances_in if result else [])
+    utterances = gather_object(result.utterances_in + result.nonspeech if result else [])
     skipped = gather_object(result.skipped if result else [{"id": r.id, "reason": why} for r in shard])
     losses = gather_object([(result.eval_loss or 0.0, result.report.n) if result else (0.0, 0)])
     n = sum(k for _, k in losses)

@@ -4,8 +4,11 @@ Inputs: audio files; folders (searched recursively for :data:`AUDIO_SUFFIXES`); 
 (each row is one input, its ``id`` naming it, ``offset``/``end`` honoured). Unreadable inputs are
 reported on stderr and skipped; the rest are still transcribed.
 
-Long audio: a file of at most 30 s is one window. A longer one is cut in one of two ways
-(``split``; "auto" picks "pauses" for a model with the trimmed audio context, "windows" otherwise):
+Pieces: with voice activity detection (the default; Silero VAD, :mod:`asr_lora.vad`) a file of any
+length is cut at its speech boundaries into pieces of at most 30 s, and the pieces between speech
+are not decoded (their text is empty, ``skip_reason`` "no_speech_vad"). With ``vad=False`` a file of
+at most 30 s is one piece, and a longer one is cut in one of two ways (``split``; "auto" picks
+"pauses" for a model with the trimmed audio context, "windows" otherwise):
 
 - ``windows``: windows of 25-30 s, each cut placed at the quietest 200 ms (lowest mean energy)
   between 25 s and 30 s after the window's start, so words are rarely split; the last window is
@@ -19,7 +22,10 @@ Long audio: a file of at most 30 s is one window. A longer one is cut in one of 
 
 Segment timestamps are the piece boundaries: monotonic, contiguous, covering the whole file. A piece
 that is digital silence (peak below -60 dBFS) or shorter than 0.1 s is not decoded and its text is
-empty (Whisper would invent a sentence for it).
+empty (Whisper would invent a sentence for it). A decoded piece that Whisper itself judges silent
+(:mod:`asr_lora.backends`: no-speech probability, average log-probability, repetition) is empty too.
+In ``json`` every segment says why it is empty (``skip_reason``) and carries ``no_speech_prob``,
+``avg_logprob`` and ``compression_ratio`` when it was decoded.
 
 Output formats: ``txt`` (the whole text), ``srt`` and ``vtt`` (one cue per non-empty piece),
 ``json`` (text and segments), ``tsv`` (one row per segment: path, start, end, text).
@@ -172,8 +178,21 @@ def pause_points(audio: np.ndarray, sr: int = SAMPLE_RATE) -> list[int]:
 
 
 def segment_bounds(audio: np.ndarray, split: str, sr: int = SAMPLE_RATE) -> list[int]:
-    """Boundaries of the pieces to transcribe: ``split`` is "pauses" or "windows"."""
+    """Boundaries of the pieces to transcribe without VAD: ``split`` is "pauses" or "windows"."""
     return pause_points(audio, sr) if split == "pauses" else split_points(audio, sr)
+
+
+def pieces(audio: np.ndarray, split: str, vad: bool) -> list[tuple[int, int, str | None]]:
+    """``(start, end, skip_reason)`` pieces covering ``audio``; a piece with a skip reason is not
+    decoded: "no_speech_vad" (VAD found no speech), "silence" (digital silence), "too_short"."""
+    if vad:
+        from .vad import vad_pieces
+
+        spans = [(a, b, None if speech else "no_speech_vad") for a, b, speech in vad_pieces(audio)]
+    else:
+        bounds = segment_bounds(audio, split)
+        spans = [(a, b, None) for a, b in zip(bounds[:-1], bounds[1:])]
+    return [(a, b, reason or inaudible(audio[a:b])) for a, b, reason in spans]
 
 
 # --------------------------------------------------------------------------- output formats
@@ -285,9 +304,12 @@ class Writer:
 # --------------------------------------------------------------------------- the job
 
 
-def audible(piece: np.ndarray, sr: int = SAMPLE_RATE) -> bool:
-    """Whether a piece is worth decoding: at least :data:`MIN_AUDIBLE` long and not digital silence."""
-    return len(piece) >= MIN_AUDIBLE * sr and float(np.abs(piece).max()) >= SILENT_PEAK
+def inaudible(piece: np.ndarray, sr: int = SAMPLE_RATE) -> str | None:
+    """Why a piece is not worth decoding ("too_short" under :data:`MIN_AUDIBLE`, "silence" for digital
+    silence), or None."""
+    if len(piece) < MIN_AUDIBLE * sr:
+        return "too_short"
+    return "silence" if float(np.abs(piece).max()) < SILENT_PEAK else None
 
 
 def _load(item: Item, failures: list[Failure]) -> np.ndarray | None:
@@ -300,10 +322,10 @@ def _load(item: Item, failures: list[Failure]) -> np.ndarray | None:
 
 
 def transcribe_items(transcriber, items: list[Item], writer: Writer, *, batch_size: int = TRANSCRIBE_BATCH_SIZE,
-                     progress: bool = True, split: str = "auto") -> list[Failure]:
+                     progress: bool = True, split: str = "auto", vad: bool = True) -> list[Failure]:
     """Transcribe ``items`` piece by piece in batches (pieces of several files share a batch),
     writing each transcript as soon as its last piece is done, in input order; returns the
-    items that could not be read (each reported on stderr). ``split``: see the module docstring."""
+    items that could not be read (each reported on stderr). ``split``, ``vad``: see the module docstring."""
     if split not in SPLITS:
         raise UserError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
     if split == "auto":
@@ -312,14 +334,14 @@ def transcribe_items(transcriber, items: list[Item], writer: Writer, *, batch_si
 
     failures: list[Failure] = []
     bar = tqdm(total=len(items), desc="transcribe", unit="file", disable=not progress, leave=False)
-    pending: list[tuple[Transcript, int, np.ndarray]] = []  # (transcript, segment index, window audio)
+    pending: list[tuple[Transcript, int, np.ndarray]] = []  # (transcript, segment index, piece audio)
     unfinished: list[Transcript] = []  # in input order
 
     def flush() -> None:
         if pending:
-            texts = transcriber.transcribe_batch([audio for _, _, audio in pending])
-            for (transcript, k, _), text in zip(pending, texts):
-                transcript.segments[k]["text"] = text
+            hyps = transcriber.decode([audio for _, _, audio in pending])
+            for (transcript, k, _), hyp in zip(pending, hyps):
+                transcript.segments[k].update(text=hyp.text, **hyp.to_json())
                 transcript.windows_left -= 1
             pending.clear()
         while unfinished and unfinished[0].windows_left == 0:
@@ -331,15 +353,13 @@ def transcribe_items(transcriber, items: list[Item], writer: Writer, *, batch_si
         if audio is None:
             bar.update(1)
             continue
-        bounds = segment_bounds(audio, split)
-        pieces = list(zip(bounds[:-1], bounds[1:]))
-        heard = [audible(audio[a:b]) for a, b in pieces]
-        transcript = Transcript(item, len(audio) / SAMPLE_RATE, windows_left=sum(heard))
+        cuts = pieces(audio, split, vad)
+        transcript = Transcript(item, len(audio) / SAMPLE_RATE, windows_left=sum(r is None for *_, r in cuts))
         unfinished.append(transcript)
-        for k, (a, b) in enumerate(pieces):
-            transcript.segments.append({"start": round(a / SAMPLE_RATE, 3), "end": round(b / SAMPLE_RATE, 3),
-                                        "text": ""})
-            if not heard[k]:
+        for k, (a, b, reason) in enumerate(cuts):
+            segment = {"start": round(a / SAMPLE_RATE, 3), "end": round(b / SAMPLE_RATE, 3), "text": ""}
+            transcript.segments.append(segment if reason is None else {**segment, "skip_reason": reason})
+            if reason is not None:
                 continue
             pending.append((transcript, k, audio[a:b]))
             if len(pending) >= batch_size:
@@ -351,7 +371,8 @@ def transcribe_items(transcriber, items: list[Item], writer: Writer, *, batch_si
 
 def transcribe_paths(paths: list[str], source: ModelSource | None = None, options: DecodeOptions | None = None, *,
                      fmt: str = "txt", out: str | Path | None = None, batch_size: int = TRANSCRIBE_BATCH_SIZE,
-                     progress: bool = True, stdout: TextIO | None = None, split: str = "auto") -> list[Failure]:
+                     progress: bool = True, stdout: TextIO | None = None, split: str = "auto",
+                     vad: bool = True) -> list[Failure]:
     """Transcribe files, folders and manifests (see the module docstring) with ``source`` (default:
     the bundled base); return the failures, each already reported on stderr."""
     from .sources import load_transcriber
@@ -370,7 +391,7 @@ def transcribe_paths(paths: list[str], source: ModelSource | None = None, option
         writer = Writer(fmt, out, transcriber.language, stdout)
         try:
             unreadable = transcribe_items(transcriber, items, writer, batch_size=batch_size, progress=progress,
-                                          split=split)
+                                          split=split, vad=vad)
         finally:
             writer.close()
         failures += unreadable

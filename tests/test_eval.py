@@ -133,7 +133,7 @@ def test_evaluate_rows_batches_by_length_and_returns_rows_in_order(tiny_whisper,
     apply_audio_context(model, "trimmed")
     tokenizer = WhisperProcessor.from_pretrained(tiny_whisper).tokenizer
     transcriber = HFTranscriber(model, tokenizer, ModelSettings(audio_context="trimmed"),
-                                DecodeOptions(max_new_tokens=3))
+                                DecodeOptions(max_new_tokens=3, temperatures=(0.0,)))
     seen = []
     decode = transcriber.decode
     transcriber.decode = lambda audios, references=None, on_encoded=None: (  # noqa: E731

@@ -15,7 +15,7 @@ from asr_lora.audio import SAMPLE_RATE, load_audio
 from asr_lora.cli import main
 from asr_lora.transcribe import Item, Writer, _timestamp, pause_points, split_points, transcribe_items
 
-from .conftest import ASSETS
+from .conftest import ASSETS, REPO
 from .test_export import clips_manifest, make_adapter
 
 TOKENS = "3"
@@ -148,9 +148,11 @@ class SpyTranscriber:
     def __init__(self):
         self.decoded: list[int] = []
 
-    def transcribe_batch(self, pieces):
+    def decode(self, pieces):
+        from asr_lora.backends import Hypothesis
+
         self.decoded += [len(p) for p in pieces]
-        return ["speech"] * len(pieces)
+        return [Hypothesis("speech") for _ in pieces]
 
 
 def test_silence_and_slivers_are_not_decoded(tmp_path):
@@ -166,12 +168,13 @@ def test_silence_and_slivers_are_not_decoded(tmp_path):
         items.append(Item(str(tmp_path / name), str(tmp_path / name)))
     spy, out = SpyTranscriber(), tmp_path / "out"
     writer = Writer("json", out, "ko", None)
-    assert transcribe_items(spy, items, writer, batch_size=2, progress=False, split="windows") == []
+    assert transcribe_items(spy, items, writer, batch_size=2, progress=False, split="windows", vad=False) == []
     docs = {name: json.loads((out / f"{Path(name).stem}.json").read_text()) for name in files}
     assert docs["silence.wav"]["text"] == "" and docs["sliver.wav"]["text"] == ""
     assert docs["speech.wav"]["text"] == "speech"
     segs = docs["speech_then_silence.wav"]["segments"]
     assert len(segs) == 2 and [s["text"] for s in segs] == ["speech", ""]  # the silent window is not decoded
+    assert segs[1]["skip_reason"] == "silence" and docs["sliver.wav"]["segments"][0]["skip_reason"] == "too_short"
     assert abs(segs[-1]["end"] - len(files["speech_then_silence.wav"]) / SAMPLE_RATE) < 1e-3
     assert len(spy.decoded) == 2 and spy.decoded.count(len(clip)) == 1  # speech.wav + the first window
     assert [p.name for p in writer.written] == ["silence.json", "sliver.json", "speech_then_silence.json",
@@ -196,8 +199,9 @@ def test_txt_to_stdout_keeps_path_tab_text(tiny_whisper, capsys):
 
 
 def test_long_file_srt_vtt_json(tiny_whisper, long_wav, tmp_path, capsys):
+    """Without VAD every piece is decoded: cues cover the file to its end."""
     for fmt in ("srt", "vtt", "json"):
-        code, _, err = run([long_wav, "--model", tiny_whisper, "--format", fmt, "--out", tmp_path], capsys)
+        code, _, err = run([long_wav, "--model", tiny_whisper, "--format", fmt, "--out", tmp_path, "--no-vad"], capsys)
         assert code == 0, err
     cues = parse_srt((tmp_path / "long.srt").read_text())
     assert_monotonic(cues)
@@ -305,3 +309,30 @@ def test_zero_length_audio_is_a_reported_failure_not_an_empty_transcript(tiny_wh
     summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
     assert summary["n"] == 1
     assert summary["skipped_rows"] == [{"id": "cut", "reason": f"{header_only}: no audio samples"}]
+
+
+def test_long_form_with_noise_and_music_gaps_gets_no_cue_inside_the_gaps(tiny_whisper, tmp_path, capsys):
+    """Speech clips with non-speech (noise, tones, music-like) between them: VAD leaves the gaps
+    undecoded (JSON says why), so no cue lies inside a gap, whatever the model would invent there."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_nonspeech", REPO / "scripts" / "make_nonspeech.py")
+    make_nonspeech = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make_nonspeech)
+    audio, speech = make_nonspeech.build_longform(seconds=60.0, seed=1)
+    path = tmp_path / "longform.wav"
+    sf.write(path, audio, SAMPLE_RATE)
+    for fmt in ("srt", "json"):
+        code, _, err = run([path, "--model", tiny_whisper, "--format", fmt, "--out", tmp_path / "out",
+                            "--max-new-tokens", "4"], capsys)
+        assert code == 0, err
+    cues = parse_srt((tmp_path / "out" / "longform.srt").read_text())
+    gaps = [(a_end, b_start) for (_, a_end, _), (b_start, _, _) in zip(speech, speech[1:]) if b_start - a_end >= 2.0]
+    assert cues and len(gaps) >= 3
+    for gap_start, gap_end in gaps:  # 0.75 s margins: VAD pads speech by 0.4 s, on 32 ms windows
+        inner = (gap_start + 0.75, gap_end - 0.75)
+        assert not [c for c in cues if c[0] < inner[1] and c[1] > inner[0]], (inner, cues)
+    segments = json.loads((tmp_path / "out" / "longform.json").read_text())["segments"]
+    assert any(s.get("skip_reason") == "no_speech_vad" and s["text"] == "" for s in segments)
+    decoded = [s for s in segments if "skip_reason" not in s or s["skip_reason"] == "no_speech"]
+    assert decoded and all("no_speech_prob" in s and "avg_logprob" in s for s in decoded)

@@ -86,6 +86,12 @@ class ManifestRow:
     def is_segment(self) -> bool:
         return self.offset is not None or self.end is not None
 
+    @property
+    def nonspeech(self) -> bool:
+        """An intended non-speech clip (``"nonspeech": true``, empty text): trained towards and scored
+        by Whisper's no-speech token, never by CER."""
+        return self.extra.get("nonspeech") is True
+
 
 class BadRow(NamedTuple):
     """A source line that is not a usable row: where, which audio (if known), why."""

@@ -46,6 +46,9 @@ DYNAMIC_RANGE = 8.0  # log10 units kept below each example's maximum
 CPU_CHUNK_FRAMES = 3000  # frames per STFT call on CPU: one 30 s clip's worth stays in cache
 
 PCM_SAMPLE_RATE = 16000  # KsponSpeech .pcm: headerless 16 kHz, 16-bit signed LE, mono
+# What folder scans (transcribe, non-speech folders) pick up
+AUDIO_SUFFIXES = frozenset({".wav", ".wave", ".flac", ".mp3", ".ogg", ".oga", ".opus", ".m4a", ".aac",
+                            ".wma", ".aif", ".aiff", ".pcm", ".webm", ".mp4"})
 SOUNDFILE_SUFFIXES = frozenset({".wav", ".wave", ".flac", ".ogg", ".oga", ".opus", ".aif", ".aiff"})
 
 Padding = Literal["longest", "max_length"]

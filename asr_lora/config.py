@@ -78,10 +78,19 @@ class DataConfig:
     dev: str = doc("data/demo/dev.jsonl", "dev manifest scored every eval_every steps")
     test: str | None = doc(None, "optional test manifest for final scoring")
     max_label_tokens: int = doc(448, "drop/refuse labels longer than this many tokens (Whisper's decoder limit)")
+    nonspeech: str | None = doc(None, "non-speech clips to train on (a folder of audio files or a JSONL manifest): "
+                                "their target is Whisper's <|nospeech|> token, so the tuned model keeps knowing silence")
+    nonspeech_rate: float = doc(0.0, "share of training utterances drawn from data.nonspeech (0 to 0.5)")
+    nonspeech_dev: str | None = doc(None, "non-speech clips scored every eval: nonspeech_share, the share that gets "
+                                    "any output (lower is better), in metrics.jsonl, the trackers and cer.png")
 
     def __post_init__(self):
         if not 0 < self.max_label_tokens <= 448:
             raise ConfigError(f"data.max_label_tokens must be in 1..448, got {self.max_label_tokens}")
+        if not 0.0 <= self.nonspeech_rate <= 0.5:
+            raise ConfigError(f"data.nonspeech_rate must be in 0..0.5, got {self.nonspeech_rate}")
+        if self.nonspeech_rate > 0 and not self.nonspeech:
+            raise ConfigError("data.nonspeech_rate > 0 needs data.nonspeech (a folder or manifest of non-speech clips)")
 
 
 @dataclass

@@ -32,7 +32,7 @@ def _score(source: ModelSource, rows, cfg) -> EvalResult:
 def run_demo(output_dir: str | None = None, overrides: list[str] = (), recipe: Path = DEMO_RECIPE) -> dict:
     overrides = list(overrides) + ([f"train.output_dir={output_dir}"] if output_dir else [])
     cfg = load_recipe(recipe, overrides)
-    for split in ("train", "dev", "test"):  # the demo corpus ships with the repository, wherever we run from
+    for split in ("train", "dev", "test", "nonspeech", "nonspeech_dev"):  # the demo corpus ships with the repository
         path = getattr(cfg.data, split)
         if path and not Path(path).is_absolute() and not Path(path).exists() and (REPO / path).exists():
             setattr(cfg.data, split, str(REPO / path))
@@ -58,11 +58,13 @@ def run_demo(output_dir: str | None = None, overrides: list[str] = (), recipe: P
         examples.append({"id": uid, "ref": ref, "hyp": hyp})
         print(f"      {uid}\n        ref: {ref}\n        hyp: {hyp}")
 
-    print("\ndev CER per checkpoint:")
-    print(f"  {'step':>6} {'CER':>7} {'CER-ns':>7} {'WER':>7} {'sWER':>7} {'loss':>7}")
+    print("\ndev CER per checkpoint (non-sp: share of non-speech dev clips that got any output):")
+    print(f"  {'step':>6} {'CER':>7} {'CER-ns':>7} {'WER':>7} {'sWER':>7} {'loss':>7} {'non-sp':>7}")
     for m in evals:
-        print(f"  {m['step']:>6} {m['cer']:>7.4f} {m['cer_nospace']:>7.4f} {m['wer']:>7.4f} {m['swer']:>7.4f} "
-              f"{m['eval_loss']:>7.4f}")
+        share = f"{m['nonspeech_share']:>7.3f}" if m.get("nonspeech_share") is not None else f"{'':>7}"
+        step = "0 (base)" if m.get("zero_shot") else m["step"]
+        print(f"  {step:>6} {m['cer']:>7.4f} {m['cer_nospace']:>7.4f} {m['wer']:>7.4f} {m['swer']:>7.4f} "
+              f"{m['eval_loss']:>7.4f} {share}")
     minutes = (time.perf_counter() - t0) / 60
     summary = {"zero_shot_test_cer": base.report.cer, "best_step": trainer.state.best_step,
                "best_test_cer": tuned.report.cer, "best_test_cer_nospace": tuned.report.cer_nospace,

@@ -116,7 +116,7 @@ def evaluate_rows(transcriber, rows: Sequence[ManifestRow], *, batch_size: int =
 
     Rows are batched by length (trimmed batches pad less, and a reference-bounded cap fits every row
     of a batch); results come back in the given order. Unreadable rows and clips over 30 s are
-    skipped with a reason. ``loss(encoder_outputs, texts) -> (loss_sum, n_tokens)`` adds the
+    skipped with a reason. ``loss(encoder_outputs, rows) -> (loss_sum, n_tokens)`` adds the
     teacher-forced loss on the same encoder pass (HF transcribers). ``before_batch(i)`` is called
     before batch ``i``.
     """
@@ -153,7 +153,8 @@ def evaluate_rows(transcriber, rows: Sequence[ManifestRow], *, batch_size: int =
             texts = [rows[i].text for i in batch]
             t0 = time.perf_counter()
             losses = []
-            on_encoded = (lambda encoded: losses.append(loss(encoded, texts))) if loss is not None else None
+            batch_rows = [rows[i] for i in batch]
+            on_encoded = (lambda encoded: losses.append(loss(encoded, batch_rows))) if loss is not None else None
             hyps = transcriber.decode(audios, references=texts, on_encoded=on_encoded)
             decode_seconds += time.perf_counter() - t0
             for (batch_loss, batch_tokens) in losses:

@@ -242,8 +242,12 @@ class RunFolder:
         fig, ax = plt.subplots(figsize=(6, 3.5))
         ax.plot([r["step"] for r in records], [r["cer"] for r in records], marker="o", label="CER")
         ax.plot([r["step"] for r in records], [r["cer_nospace"] for r in records], marker=".", label="CER (no spaces)")
+        shares = [r for r in records if r.get("nonspeech_share") is not None]
+        if shares:  # the non-speech dev clips that got any output
+            ax.plot([r["step"] for r in shares], [r["nonspeech_share"] for r in shares], marker="s", linestyle="--",
+                    label="non-speech clips with output")
         ax.set_xlabel("optimizer step")
-        ax.set_ylabel("dev error rate")
+        ax.set_ylabel("dev error rate / share")
         ax.set_title("dev CER per checkpoint")
         ax.grid(alpha=0.3)
         ax.legend()

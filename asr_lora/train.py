@@ -167,7 +167,7 @@ class Trainer:
         from .backends import DecodeOptions
         from .bundled import resolve_model
         from .data.collator import WhisperCollator
-        from .data.manifest import read_rows
+        from .data.manifest import training_rows
         from .model import build_training_model, trainable_parameters
         from .settings import settings_from_recipe
         from .trimmed import apply_audio_context, feature_padding
@@ -182,11 +182,7 @@ class Trainer:
         if acc.is_main_process:
             self.run.open(fresh=self.resume is False)
         self._seed_everything(cfg.train.seed)
-        self.train_rows, _ = read_rows(cfg.data.train)
-        self.dev_rows, _ = read_rows(cfg.data.dev)
-        if cfg.eval.max_samples and cfg.eval.max_samples < len(self.dev_rows):
-            pick = sorted(random.Random(cfg.train.seed).sample(range(len(self.dev_rows)), cfg.eval.max_samples))
-            self.dev_rows = [self.dev_rows[i] for i in pick]  # fixed subset, same every eval
+        self.train_rows, self.dev_rows = training_rows(cfg)
         self.durations = [r.duration or 0.0 for r in self.train_rows]
 
         model_path = resolve_model(cfg.model.name) if acc.is_main_process else None
@@ -424,16 +420,17 @@ class Trainer:
             st.evals_without_improvement = 0
         else:
             st.evals_without_improvement += 1
-        self._record(metrics, {f"dev/{k}": metrics[k] for k in ("cer", "cer_nospace", "wer", "swer", "eval_loss")})
+        self._record(metrics, {f"dev/{k}": metrics.get(k) for k in ("cer", "cer_nospace", "wer", "swer", "eval_loss",
+                                                                    "nonspeech_share")})
         if acc.is_main_process:
             self.run.write_eval_utterances(st.step, result.utterances())
             self._print_eval_row(metrics)
             self.run.plot_cer()
         return metrics
 
-    def _eval_loss(self, encoded, texts: list[str]) -> tuple[torch.Tensor, int]:
+    def _eval_loss(self, encoded, rows: list) -> tuple[torch.Tensor, int]:
         """Teacher-forced dev loss on the encoder outputs of one evaluation batch."""
-        ids = [self.collator.label_ids(t)[: self.cfg.data.max_label_tokens - 1] for t in texts]
+        ids = [self.collator.row_label(r)[: self.cfg.data.max_label_tokens - 1] for r in rows]
         width = max(len(i) for i in ids)
         labels = torch.tensor([i + [-100] * (width - len(i)) for i in ids], device=self.accelerator.device)
         out = self.accelerator.unwrap_model(self.model)(encoder_outputs=encoded, labels=labels, use_cache=False)

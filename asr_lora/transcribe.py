@@ -41,15 +41,13 @@ from typing import TextIO
 
 import numpy as np
 
-from .audio import SAMPLE_RATE, AudioError, load_audio
+from .audio import AUDIO_SUFFIXES, SAMPLE_RATE, AudioError, load_audio
 from .backends import DecodeOptions
 from .defaults import DEFAULT_MODEL, TRANSCRIBE_BATCH_SIZE
 from .errors import UserError
 from .sources import ModelSource
 
 FORMATS = ("txt", "srt", "vtt", "json", "tsv")
-AUDIO_SUFFIXES = frozenset({".wav", ".wave", ".flac", ".mp3", ".ogg", ".oga", ".opus", ".m4a", ".aac",
-                            ".wma", ".aif", ".aiff", ".pcm", ".webm", ".mp4"})
 MANIFEST_SUFFIXES = frozenset({".jsonl", ".ndjson"})
 TSV_NAME = "transcripts.tsv"
 

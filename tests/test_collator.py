@@ -92,3 +92,16 @@ def test_segment_rows(tokenizer):
     expected, _ = log_mel_spectrogram([load_audio(row.audio, offset=0.5, end=1.5)], padding="longest",
                                       pad_to_multiple_of=2)
     assert torch.allclose(batch["input_features"], expected)
+
+
+def test_nonspeech_row_targets_whispers_nospeech_token(tokenizer):
+    """An intended non-speech row is trained towards Whisper's own target: <|startoftranscript|> then
+    <|nospeech|> (<|nocaptions|> in this vocabulary) and <|endoftext|>, no language or task token."""
+    from asr_lora.nospeech import no_speech_token_id
+
+    row = make_row("noise", ASSETS / "ko_greeting.flac", "", extra={"nonspeech": True})
+    batch = WhisperCollator(tokenizer)([row] + rows())
+    first = [t for t in batch["labels"][0].tolist() if t != IGNORE_INDEX]
+    assert first == [no_speech_token_id(tokenizer), tokenizer.eos_token_id]
+    assert tokenizer.convert_ids_to_tokens(first[0]) in ("<|nocaptions|>", "<|nospeech|>")
+    assert batch["ids"] == ["noise", "a", "b"]

@@ -328,3 +328,19 @@ def test_wav_cut_after_its_header_is_zero_length(tmp_path, tiny_whisper):
                        "three_samples.wav": details["three_samples.wav"]}
     assert details["three_samples.wav"].startswith("only 3 audio samples")
     assert [r["id"] for r in _read_jsonl(tmp_path / "out" / "m.jsonl")] == ["m-4"]
+
+
+def test_prepare_keeps_intended_nonspeech_rows_and_drops_accidental_empty_text(tmp_path, tiny_whisper):
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in [
+        {"id": "noise", "audio": str(ASSETS / "ko_greeting.flac"), "text": "", "nonspeech": True},
+        {"id": "oops", "audio": str(ASSETS / "ko_greeting.flac"), "text": ""},
+        {"id": "both", "audio": str(ASSETS / "ko_greeting.flac"), "text": "말", "nonspeech": True},
+        {"id": "speech", "audio": str(ASSETS / "ko_greeting.flac"), "text": "안녕하세요"},
+    ]), encoding="utf-8")
+    report = prepare_manifest(manifest, tmp_path / "out", str(tiny_whisper), progress=False)
+    assert report["dropped_by_reason"] == {"empty_text": 1, "nonspeech_with_text": 1}
+    kept = _read_jsonl(tmp_path / "out" / "m.jsonl")
+    assert [(r["id"], r["text"], r.get("nonspeech")) for r in kept] == [("noise", "", True), ("speech", "안녕하세요", None)]
+    rows, _ = read_rows(tmp_path / "out" / "m.jsonl")
+    assert [r.nonspeech for r in rows] == [True, False]

@@ -287,3 +287,31 @@ def test_trackers_write_training_and_dev_scalars(tiny_whisper, small_data, tmp_p
             "dev/wer", "dev/swer", "dev/eval_loss"} <= set(scalars)
     assert [s for s, _ in scalars["train/loss"]] == [1, 2] and [s for s, _ in scalars["dev/cer"]] == [2]
     assert [v for _, v in scalars["train/loss"]] == pytest.approx([losses(out)[1], losses(out)[2]], rel=1e-5)
+
+
+def test_nonspeech_clips_are_mixed_in_and_scored_as_a_share(tiny_whisper, small_data, tmp_path):
+    """data.nonspeech (a folder) is mixed into training at data.nonspeech_rate; data.nonspeech_dev clips
+    are decoded every eval but scored apart from CER: nonspeech_share in metrics.jsonl and the eval file."""
+    import shutil
+
+    folder = tmp_path / "noise"
+    folder.mkdir()
+    for p in sorted((DEMO / "nonspeech" / "train").glob("*.ogg"))[:3]:
+        shutil.copy(p, folder / p.name)
+    dev_rows = [json.loads(line) for line in (DEMO / "nonspeech_dev.jsonl").read_text().splitlines()][:3]
+    for r in dev_rows:
+        r["audio"] = str(DEMO / r["audio"])
+    nonspeech_dev = write_manifest(tmp_path / "nonspeech_dev.jsonl", dev_rows)
+    out = tmp_path / "run"
+    trainer = run_training(recipe(tiny_whisper, small_data, out, "model.audio_context=trimmed", "train.max_steps=2",
+                                  "train.batch_size=4", "train.eval_every=2", "train.save_every=2",
+                                  f"data.nonspeech={folder}", "data.nonspeech_rate=0.2",
+                                  f"data.nonspeech_dev={nonspeech_dev}"), progress=False)
+    mixed = [r for r in trainer.train_rows if r.nonspeech]
+    assert len(trainer.train_rows) == 8 + 2 and len(mixed) == 2 and all(r.text == "" for r in mixed)
+    assert {Path(r.audio).parent for r in mixed} == {folder.resolve()}
+    record = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "cer" in r][-1]
+    assert record["eval_n"] == 3 and record["nonspeech_n"] == 3 and 0.0 <= record["nonspeech_share"] <= 1.0
+    lines = [json.loads(line) for line in (out / "eval" / "step-000002.jsonl").read_text().splitlines()]
+    silent = [u for u in lines if u.get("nonspeech")]
+    assert len(silent) == 3 and record["nonspeech_share"] == sum(bool(u["hyp"]) for u in silent) / 3

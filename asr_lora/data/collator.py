@@ -4,7 +4,8 @@ One collator serves both padding modes: ``"max_length"`` pads every clip to 30 s
 standard input) and ``"longest"`` pads only to the longest clip in the batch (rounded up to
 ``pad_to_multiple_of`` frames), which the trimmed-context encoder consumes.
 
-Labels are ``<|startoftranscript|><|ko|><|transcribe|><|notimestamps|> text <|endoftext|>`` with
+Labels are ``<|startoftranscript|><|ko|><|transcribe|><|notimestamps|> text <|endoftext|>`` (for an
+intended non-speech row Whisper's own ``<|startoftranscript|><|nospeech|><|endoftext|>``) with
 the leading ``<|startoftranscript|>`` dropped (the model prepends ``decoder_start_token_id`` when it
 shifts labels right), padded with -100 so padding never counts in the loss.
 """
@@ -17,6 +18,7 @@ from typing import Any, Literal, Sequence
 import torch
 
 from ..audio import AudioError, log_mel_spectrogram
+from ..nospeech import no_speech_target
 from ..trimmed import FRAME_MULTIPLE
 from .manifest import ManifestRow, load_row_audio
 
@@ -49,6 +51,7 @@ class WhisperCollator:
             raise ValueError(f"padding must be 'max_length' or 'longest', got {self.padding!r}")
         self.tokenizer.set_prefix_tokens(language=self.language, task=self.task, predict_timestamps=False)
         self._prefix = list(self.tokenizer.prefix_tokens)
+        self._no_speech = no_speech_target(self.tokenizer)[1:]  # <|nospeech|> <|endoftext|>
         if self.pad_to_multiple_of is None and self.padding == "longest":
             self.pad_to_multiple_of = FRAME_MULTIPLE
 
@@ -57,10 +60,16 @@ class WhisperCollator:
         ids = self._prefix + self.tokenizer.encode(text.strip(), add_special_tokens=False)
         return ids[1:] + [self.tokenizer.eos_token_id]
 
+    def row_label(self, row: ManifestRow) -> list[int]:
+        """A row's label: :meth:`label_ids` of its text, or Whisper's own no-speech target
+        (``<|nospeech|><|endoftext|>`` after ``<|startoftranscript|>``, no language or task token) for
+        an intended non-speech row."""
+        return list(self._no_speech) if row.nonspeech else self.label_ids(row.text)
+
     def __call__(self, rows: Sequence[ManifestRow]) -> dict:
         audios, labels, ids, skipped = [], [], [], []
         for row in rows:
-            label = self.label_ids(row.text)
+            label = self.row_label(row)
             if len(label) + 1 > self.max_label_tokens:  # +1: the start token the model prepends
                 skipped.append((row.id, f"label has {len(label) + 1} tokens, more than {self.max_label_tokens}"))
                 continue

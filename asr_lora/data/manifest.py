@@ -56,6 +56,7 @@ REASONS = (
     "empty_text",  # nothing left after strip()
     "label_too_long",  # prefix tokens + text + end-of-text longer than max_label_tokens
     "bad_segment",  # offset < 0, offset >= end, offset or end past the end of the file
+    "nonspeech_with_text",  # "nonspeech": true but a transcript: one of the two is wrong
 )
 AUDIO_KEYS = ("audio", "file_name", "path")  # first one present is the audio column
 TEXT_KEYS = ("text", "transcription", "sentence")  # first one present is the text column
@@ -515,6 +516,52 @@ def length_hint(row: ManifestRow) -> float:
     return 0.2 * len(row.text or "")
 
 
+def nonspeech_rows(path: str | os.PathLike) -> list[ManifestRow]:
+    """Non-speech clips as rows (``nonspeech``, empty text): every row of a JSONL manifest, or every
+    audio file under a folder (recursively, sorted)."""
+    from dataclasses import replace
+
+    from asr_lora.audio import AUDIO_SUFFIXES
+
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in AUDIO_SUFFIXES)
+        rows = [ManifestRow(line=i + 1, audio=str(p.resolve()), text="", id=f"nonspeech-{p.stem}")
+                for i, p in enumerate(files)]
+    else:
+        rows = read_rows(path)[0]
+    rows = [replace(r, text="", extra={**r.extra, "nonspeech": True}) for r in rows]
+    if not rows:
+        raise UserError(f"{path}: no non-speech clips (a JSONL manifest, or a folder of audio files)")
+    return rows
+
+
+def mix_nonspeech(rows: list[ManifestRow], nonspeech: list[ManifestRow], rate: float, seed: int) -> list[ManifestRow]:
+    """``rows`` plus non-speech rows drawn (with replacement, deterministically from ``seed``) so that
+    they make up ``rate`` of the result."""
+    import random
+
+    n = round(rate / (1 - rate) * len(rows)) if rate > 0 else 0
+    rng = random.Random(seed * 7919 + 1)
+    return rows + [nonspeech[rng.randrange(len(nonspeech))] for _ in range(n)]
+
+
+def training_rows(cfg) -> tuple[list[ManifestRow], list[ManifestRow]]:
+    """Training and dev rows of a recipe (``RecipeConfig``): the train manifest with ``data.nonspeech``
+    mixed in at ``data.nonspeech_rate``; the dev manifest (or its fixed ``eval.max_samples`` subset)
+    followed by the ``data.nonspeech_dev`` clips."""
+    import random
+
+    d, seed = cfg.data, cfg.train.seed
+    train, _ = read_rows(d.train)
+    if d.nonspeech and d.nonspeech_rate > 0:
+        train = mix_nonspeech(train, nonspeech_rows(d.nonspeech), d.nonspeech_rate, seed)
+    dev, _ = read_rows(d.dev)
+    if cfg.eval.max_samples and cfg.eval.max_samples < len(dev):
+        dev = [dev[i] for i in sorted(random.Random(seed).sample(range(len(dev)), cfg.eval.max_samples))]
+    return train, dev + (nonspeech_rows(d.nonspeech_dev) if d.nonspeech_dev else [])
+
+
 def label_tokenizer(model: str):
     """The model's Whisper tokenizer with the Korean transcription prefix, for label lengths."""
     from transformers import WhisperTokenizer
@@ -584,7 +631,9 @@ def _static_problem(row: ManifestRow, n_tokens: int, max_label_tokens: int) -> D
         return Drop("bad_segment", f"offset {row.offset:g} s is negative")
     if row.end is not None and row.end <= (row.offset or 0.0):
         return Drop("bad_segment", f"offset {row.offset or 0.0:g} s is not before end {row.end:g} s")
-    if not row.text.strip():
+    if row.nonspeech and row.text.strip():
+        return Drop("nonspeech_with_text", f"marked nonspeech but has text {row.text.strip()[:40]!r}")
+    if not row.text.strip() and not row.nonspeech:  # intended non-speech rows are kept, empty
         return Drop("empty_text", "transcript is empty" + (" after strip()" if row.text else ""))
     if n_tokens > max_label_tokens:
         return Drop("label_too_long", f"{n_tokens} label tokens (prefix + text + end) > {max_label_tokens}")

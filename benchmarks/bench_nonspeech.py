@@ -1,0 +1,117 @@
+#!/usr/bin/env python3
+"""Does a model invent text for non-speech? The share of non-speech clips that get any output.
+
+For each model (the untuned base, and any number of LoRA checkpoints), on the demo's held-out
+non-speech clips (``data/demo/nonspeech_test.jsonl``: noise of several colours and levels, tones,
+chords, clicks, hum, music-like sequences, mixtures), side by side in one run:
+
+- ``no gating``: every clip decoded greedily, no silence rule, no VAD (what a plain generate loop does);
+- ``silence rule``: asr-lora's decode path (no-speech probability, average log-probability,
+  compression ratio, temperature fallback), no VAD;
+- ``VAD + rule``: ``asr-lora transcribe``'s default (Silero VAD first, then the rule);
+- ``faster-whisper``: with ``--ct2 NAME=DIR``, the CTranslate2 export served by faster-whisper with its
+  defaults (``WhisperModel.transcribe(language="ko")``: its own no-speech and log-prob thresholds, no VAD).
+
+And, as a check that gating costs no speech, the CER on the demo's speech test clips for each model
+under ``silence rule``.
+
+    python benchmarks/bench_nonspeech.py --adapter tuned=runs/demo/best --adapter plain=runs/plain/best \
+        --ct2 base=/path/to/bundled-ct2 --ct2 tuned=models/demo-ct2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from asr_lora.audio import load_audio  # noqa: E402
+from asr_lora.backends import DecodeOptions  # noqa: E402
+from asr_lora.data.manifest import read_rows  # noqa: E402
+from asr_lora.sources import ModelSource, load_transcriber  # noqa: E402
+
+DEMO = REPO / "data" / "demo"
+
+
+def share_with_output(transcriber, clips, vad: bool) -> float:
+    from asr_lora.transcribe import pieces
+
+    outputs = 0
+    for audio in clips:
+        cuts = [audio[a:b] for a, b, reason in pieces(audio, "windows", vad) if reason is None]
+        texts = [h.text for h in transcriber.decode(cuts)] if cuts else []
+        outputs += any(texts)
+    return outputs / len(clips)
+
+
+def measure_hf(name: str, source: ModelSource, clips, speech) -> dict:
+    plain = DecodeOptions(no_speech_threshold=None, logprob_threshold=None, compression_ratio_threshold=None,
+                          temperatures=(0.0,), max_new_tokens=64)
+    gated = DecodeOptions(max_new_tokens=64)
+    t0 = time.perf_counter()
+    transcriber = load_transcriber(source, plain)
+    row = {"model": name, "no_gating": share_with_output(transcriber, clips, vad=False)}
+    transcriber.options = gated
+    row["silence_rule"] = share_with_output(transcriber, clips, vad=False)
+    row["vad_and_rule"] = share_with_output(transcriber, clips, vad=True)
+    from asr_lora.evaluate import evaluate_rows
+
+    transcriber.options = DecodeOptions(max_new_tokens=64, temperatures=(0.0,), bound_by_reference=True)
+    row["speech_cer_with_rule"] = evaluate_rows(transcriber, speech, batch_size=16).report.cer
+    row["seconds"] = round(time.perf_counter() - t0, 1)
+    return row
+
+
+def measure_faster_whisper(folder: str, clips) -> float:
+    from faster_whisper import WhisperModel
+
+    model = WhisperModel(folder, device="cpu", compute_type="default")
+    outputs = 0
+    for audio in clips:
+        segments, _ = model.transcribe(audio, language="ko")
+        outputs += any(s.text.strip() for s in segments)
+    return outputs / len(clips)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--base", default="bundled:whisper-base")
+    parser.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR")
+    parser.add_argument("--ct2", action="append", default=[], metavar="NAME=DIR")
+    parser.add_argument("--clips", default=str(DEMO / "nonspeech_test.jsonl"))
+    parser.add_argument("--speech", default=str(DEMO / "test.jsonl"))
+    parser.add_argument("--json", default=None, help="also write the results here")
+    args = parser.parse_args()
+
+    rows, _ = read_rows(args.clips)
+    clips = [load_audio(r.audio, offset=r.offset, end=r.end) for r in rows]
+    speech, _ = read_rows(args.speech)
+    results = [measure_hf("base (untuned)", ModelSource("model", args.base), clips, speech)]
+    for spec in args.adapter:
+        name, folder = spec.split("=", 1)
+        results.append(measure_hf(name, ModelSource("adapter", folder), clips, speech))
+    fw = {}
+    for spec in args.ct2:
+        name, folder = spec.split("=", 1)
+        fw[name] = measure_faster_whisper(folder, clips)
+    print(f"share of {len(clips)} non-speech clips ({args.clips}) that got any output (lower is better)")
+    print(f"| model | no gating | silence rule | VAD + rule | speech test CER (rule) |")
+    print("|---|---:|---:|---:|---:|")
+    for r in results:
+        print(f"| {r['model']} | {r['no_gating']:.3f} | {r['silence_rule']:.3f} | {r['vad_and_rule']:.3f} | "
+              f"{r['speech_cer_with_rule']:.4f} |")
+    if fw:
+        print("\nfaster-whisper with its defaults on the CTranslate2 exports:")
+        for name, share in fw.items():
+            print(f"  {name}: {share:.3f} of the clips got output ({round((1 - share) * len(clips))} silent)")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"models": results, "faster_whisper": fw}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -461,7 +461,9 @@ class Trainer:
         from .atomic import write_json_atomic
         from .settings import write_settings
 
-        self.accelerator.unwrap_model(self.model).save_pretrained(folder, safe_serialization=True)
+        # no embedding layers are trained: say so, or peft looks for the base's config to check the vocabulary
+        self.accelerator.unwrap_model(self.model).save_pretrained(folder, safe_serialization=True,
+                                                                   save_embedding_layers=False)
         write_settings(folder, self.settings)
         torch.save(self.optimizer.state_dict(), folder / "optimizer.pt")
         self._test_pause("checkpoint", self.state.step)  # test-only: a kill here leaves a half temporary

@@ -78,6 +78,34 @@ def measure_faster_whisper(folder: str, clips) -> float:
     return outputs / len(clips)
 
 
+def long_form(source: ModelSource, vad: bool, seconds: float = 120.0) -> dict:
+    """A 2-minute file of demo test speech with noise and music-like gaps between utterances: cues
+    inside the gaps, looping cues, and CER of the whole text against the clips' texts."""
+    import importlib.util
+
+    from asr_lora.evaluate import hypothesis_loops
+    from asr_lora.metrics import score
+    from asr_lora.transcribe import pieces
+
+    spec = importlib.util.spec_from_file_location("make_nonspeech", REPO / "scripts" / "make_nonspeech.py")
+    make = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make)
+    audio, speech = make.build_longform(seconds=seconds, seed=0)
+    transcriber = load_transcriber(source, DecodeOptions(max_new_tokens=96))
+    cues = []
+    for a, b, reason in pieces(audio, "pauses", vad):
+        if reason is None:
+            hyp = transcriber.decode([audio[a:b]])[0]
+            if hyp.text:
+                cues.append((a / 16000, b / 16000, hyp.text))
+    gaps = [(x[1] + 0.75, y[0] - 0.75) for x, y in zip(speech, speech[1:]) if y[0] - x[1] >= 2.0]
+    inside = sum(any(c0 < g1 and c1 > g0 for g0, g1 in gaps) for c0, c1, _ in cues)
+    loops = sum(hypothesis_loops(text) for *_, text in cues)
+    cer = score([" ".join(t for *_, t in speech)], [" ".join(t for *_, t in cues)]).cer
+    return {"seconds": round(len(audio) / 16000, 1), "utterances": len(speech), "cues": len(cues),
+            "cues_inside_gaps": inside, "looping_cues": loops, "cer": cer}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base", default="bundled:whisper-base")
@@ -86,6 +114,8 @@ def main() -> None:
     parser.add_argument("--clips", default=str(DEMO / "nonspeech_test.jsonl"))
     parser.add_argument("--speech", default=str(DEMO / "test.jsonl"))
     parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument("--long-form", default=None, metavar="NAME=DIR",
+                        help="also transcribe a 2-minute speech + noise/music file with this adapter, VAD on and off")
     args = parser.parse_args()
 
     rows, _ = read_rows(args.clips)
@@ -109,8 +139,17 @@ def main() -> None:
         print("\nfaster-whisper with its defaults on the CTranslate2 exports:")
         for name, share in fw.items():
             print(f"  {name}: {share:.3f} of the clips got output ({round((1 - share) * len(clips))} silent)")
+    longform = {}
+    if args.long_form:
+        name, folder = args.long_form.split("=", 1)
+        for vad in (True, False):
+            longform["vad" if vad else "no_vad"] = r = long_form(ModelSource("adapter", folder), vad)
+            print(f"\nlong form ({name}, {'VAD + rule' if vad else 'rule only, pauses'}): {r['seconds']} s, "
+                  f"{r['utterances']} utterances -> {r['cues']} cues, {r['cues_inside_gaps']} inside the gaps, "
+                  f"{r['looping_cues']} looping, CER {r['cer']:.4f}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"models": results, "faster_whisper": fw}, indent=2))
+        Path(args.json).write_text(json.dumps({"models": results, "faster_whisper": fw, "long_form": longform},
+                                              indent=2))
 
 
 if __name__ == "__main__":

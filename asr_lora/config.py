@@ -97,8 +97,16 @@ class DataConfig:
 class TrainConfig:
     output_dir: str = doc("runs/demo", "run folder: checkpoints, metrics.jsonl, cer.png, resolved recipe")
     max_steps: int = doc(100, "optimizer steps to train")
-    batch_size: int = doc(8, "utterances per micro-batch (per device)")
+    batch_size: int = doc(8, "utterances per micro-batch (per device); not used when train.batch_seconds is set")
+    batch_seconds: float | None = doc(
+        None, "instead of train.batch_size: fill each micro-batch (per device) with up to this many seconds of "
+        "padded audio (clips x longest clip; a clip counts 30 s in the full audio context), from length buckets: "
+        "many short clips or few long ones, every batch of similar cost. A clip longer than this is a batch alone")
     grad_accum: int = doc(1, "micro-batches per optimizer step")
+    num_workers: int | None = doc(
+        None, "background loading: DataLoader worker processes per device that read audio and compute log-mel "
+        "(on the CPU) ahead of the loop, 2 batches each, pinned memory on a GPU; 0: in the loop (log-mel on the "
+        "GPU if there is one); None: up to 4 on a GPU (within the CPU cores), 0 on CPU")
     lr: float = doc(1e-3, "peak learning rate (AdamW)")
     weight_decay: float = doc(0.0, "AdamW weight decay")
     warmup_steps: int = doc(10, "linear warmup steps, then linear decay to 0")
@@ -121,6 +129,11 @@ class TrainConfig:
                 raise ConfigError(f"train.{name} must be positive, got {getattr(self, name)}")
         if self.lr <= 0:
             raise ConfigError(f"train.lr must be positive, got {self.lr}")
+        if self.batch_seconds is not None and self.batch_seconds <= 0:
+            raise ConfigError(f"train.batch_seconds must be positive (or null: train.batch_size clips per batch), "
+                              f"got {self.batch_seconds}")
+        if self.num_workers is not None and self.num_workers < 0:
+            raise ConfigError(f"train.num_workers must be 0 or more (or null: automatic), got {self.num_workers}")
         for tracker in self.report_to:
             if tracker != "none" and importlib.util.find_spec(TRACKER_PACKAGES[tracker]) is None:
                 raise ConfigError(f"train.report_to={tracker} needs the {TRACKER_PACKAGES[tracker]!r} package "

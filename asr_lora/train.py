@@ -58,6 +58,7 @@ import torch
 import yaml
 
 from .config import ConfigError, RecipeConfig, to_dict
+from .data.loader import next_batches
 from .errors import TrainingError, UserError
 from .runfolder import TRAINER_STATE, RunFolder, latest_checkpoint, step_name
 
@@ -82,26 +83,7 @@ class TrainerState:
     history: list[dict] = field(default_factory=list)
 
 
-# --------------------------------------------------------------------------- data order and loss
-
-
-def length_grouped_batches(durations: list[float], batch_size: int, seed: int, epoch: int,
-                           group: int = 50) -> list[list[int]]:
-    """Shuffle, then sort by duration inside windows of ``group`` batches, then shuffle the batches.
-
-    Similar lengths share a batch (little padding) while the order stays random. Deterministic
-    in (seed, epoch), so a resumed run sees exactly the batches an uninterrupted run would.
-    """
-    rng = random.Random(seed * 1_000_003 + epoch)
-    order = list(range(len(durations)))
-    rng.shuffle(order)
-    window = batch_size * group
-    batches = []
-    for start in range(0, len(order), window):
-        chunk = sorted(order[start:start + window], key=lambda i: durations[i])
-        batches.extend(chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size))
-    rng.shuffle(batches)
-    return batches
+# --------------------------------------------------------------------------- loss
 
 
 def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -183,7 +165,6 @@ class Trainer:
             self.run.open(fresh=self.resume is False)
         self._seed_everything(cfg.train.seed)
         self.train_rows, self.dev_rows = training_rows(cfg)
-        self.durations = [r.duration or 0.0 for r in self.train_rows]
 
         model_path = resolve_model(cfg.model.name) if acc.is_main_process else None
         acc.wait_for_everyone()
@@ -239,20 +220,24 @@ class Trainer:
         if cfg.eval.zero_shot and st.step == 0:
             self.evaluate(zero_shot=True)
         self.model.train()
+        loader = self._micro_batches()
         while st.step < cfg.train.max_steps:
             t0 = time.perf_counter()
-            mine = self._next_micro_batches(accum * world)[acc.process_index::world]
-            batches = [self.collator([self.train_rows[i] for i in idx]) for idx in mine]
+            step_batches, st.epoch, st.batch_in_epoch = self.plan.take(st.epoch, st.batch_in_epoch, accum * world)
+            batches = next_batches(loader, step_batches[acc.process_index::world])
+            data_seconds = time.perf_counter() - t0
             skipped_rows = self._count_bad_rows(batches)
             n_tokens = torch.tensor(sum(int((b["labels"] != -100).sum()) for b in batches if "labels" in b),
                                     device=acc.device)
             total_tokens = int(acc.reduce(n_tokens, reduction="sum")) if world > 1 else int(n_tokens)
             loss_sum = torch.zeros((), device=acc.device)
-            for b in batches:
-                if "labels" in b:
-                    loss_sum += self._backward(b, total_tokens, world)
+            with acc.no_sync(self.model):  # gradients stay local: one sync per step, below
+                for b in batches:
+                    if "labels" in b:
+                        loss_sum += self._backward(b, total_tokens)
             self._test_pause("step", st.step + 1)
             if world > 1:
+                sum_gradients(acc, self.model)
                 loss_sum = acc.reduce(loss_sum, reduction="sum")
             loss = float(loss_sum) / total_tokens if total_tokens else None
             skip_reason, counts_as_bad = self._update(loss)
@@ -272,7 +257,7 @@ class Trainer:
             st.step += 1
             seconds = time.perf_counter() - t0
             record = {"step": st.step, "loss": loss, "lr": self.scheduler.get_last_lr()[0],
-                      "tokens": total_tokens, "step_seconds": round(seconds, 3)}
+                      "tokens": total_tokens, "step_seconds": round(seconds, 3), "data_seconds": round(data_seconds, 3)}
             if skip_reason is not None:
                 record.update(update_skipped=True, skip_reason=skip_reason, skipped_updates=st.skipped_updates)
             if st.bad_rows:
@@ -294,18 +279,19 @@ class Trainer:
                 self.log(f"early stopping: no CER improvement in {st.evals_without_improvement} evals")
                 break
         bar.close()
+        del loader  # stops its workers
         self._save_final()
         return st
 
-    def _backward(self, batch: dict, total_tokens: int, world: int) -> torch.Tensor:
+    def _backward(self, batch: dict, total_tokens: int) -> torch.Tensor:
         acc = self.accelerator
-        features = batch["input_features"].to(acc.device)
-        labels = batch["labels"].to(acc.device)
+        features = batch["input_features"].to(acc.device, non_blocking=True)  # pinned by the loader on a GPU
+        labels = batch["labels"].to(acc.device, non_blocking=True)
         with acc.autocast():
             out = self.model(input_features=features, labels=labels, use_cache=False)
         loss_sum, _ = token_loss_sum(out.logits, labels)
-        # DDP averages gradients over processes: scale by world so the result is sum / total tokens.
-        acc.backward(loss_sum * world / max(total_tokens, 1))
+        # sum_gradients adds up the processes' gradients: the result is sum / total tokens of the step
+        acc.backward(loss_sum / max(total_tokens, 1))
         return loss_sum.detach()
 
     def _update(self, loss: float | None) -> tuple[str | None, bool]:
@@ -337,25 +323,20 @@ class Trainer:
     def _grads_finite(self) -> bool:
         return all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in self.model.parameters())
 
-    def _next_micro_batches(self, n: int) -> list[list[int]]:
-        """The next ``n`` micro-batches of the deterministic epoch order (crossing epochs)."""
-        st, out = self.state, []
-        while len(out) < n:
-            batches = self._epoch_batches(st.epoch)
-            take = batches[st.batch_in_epoch:st.batch_in_epoch + n - len(out)]
-            out.extend(take)
-            st.batch_in_epoch += len(take)
-            if st.batch_in_epoch >= len(batches):
-                st.epoch += 1
-                st.batch_in_epoch = 0
-        return out
+    def _micro_batches(self):
+        """This process's collated micro-batches from the current position up to train.max_steps, made
+        in the loop or by background workers (train.num_workers)."""
+        from .data.loader import micro_batches, resolve_num_workers
+        from .data.samplers import BatchPlan
 
-    def _epoch_batches(self, epoch: int) -> list[list[int]]:
-        cached = getattr(self, "_batches_cache", None)
-        if cached is None or cached[0] != epoch:
-            self._batches_cache = (epoch, length_grouped_batches(self.durations, self.cfg.train.batch_size,
-                                                                 self.cfg.train.seed, epoch))
-        return self._batches_cache[1]
+        cfg, acc, st = self.cfg.train, self.accelerator, self.state
+        self.plan = BatchPlan.for_rows(self.train_rows, cfg, self.cfg.model.audio_context)
+        workers, steps = resolve_num_workers(cfg.num_workers, acc.device), cfg.max_steps - st.step
+        order = self.plan.rank_batches(st.epoch, st.batch_in_epoch, cfg.grad_accum * acc.num_processes, steps,
+                                       acc.process_index, acc.num_processes)
+        self.log(f"{self.plan}; loaded {f'by {workers} worker processes each' if workers else 'in the loop'}")
+        return micro_batches(self.train_rows, self.collator, order, steps * cfg.grad_accum, workers,
+                             pin_memory=acc.device.type == "cuda")
 
     def _count_bad_rows(self, batches: list[dict]) -> list[tuple[str, str]]:
         """Log and count (once per distinct row) the rows the collator left out; stop past the limit.
@@ -546,6 +527,20 @@ class Trainer:
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def sum_gradients(acc, model) -> None:
+    """Sum the trainable gradients over all processes in one all-reduce: the step's one gradient sync
+    (its backward passes ran under ``no_sync``). A process whose micro-batches were all unreadable
+    adds zeros and still joins, so no process waits for another that skipped a backward pass."""
+    if not isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        raise TrainingError(f"multi-process training supports DDP (accelerate launch --multi_gpu, torchrun); "
+                            f"got {type(model).__name__}")
+    params = [p for p in model.parameters() if p.requires_grad]
+    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float() for p in params])
+    flat = acc.reduce(flat, reduction="sum")
+    for p, g in zip(params, flat.split([p.numel() for p in params])):
+        p.grad = g.view_as(p).to(p.dtype)
 
 
 def gather_results(result, shard: list, why: str):

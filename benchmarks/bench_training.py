@@ -25,6 +25,22 @@ the weight values; CER would be meaningless, so no budget phase), features compu
 
 ``--concat 2`` trains on pairs of demo clips joined (mean 6.3 s, near KsponSpeech's 5.6 s) instead
 of single clips (mean 3.1 s): the trimmed context gains less on longer clips.
+
+KsponSpeech-scale training (``--phases scale``), side by side on a KsponSpeech-like length mix (demo
+clips joined into utterances of 2 to 15 s, mean 5.6 s, reproducibly): micro-batches of a fixed clip
+count vs ``train.batch_seconds``, each loaded in the loop vs by background workers, and the standard
+recipe on the same mix:
+
+    python benchmarks/bench_training.py --phases scale --mix 200 --threads 1 --write
+
+Evaluation speed (``--phases eval`` after ``budget``; ``--eval-batch-sizes``): asr-lora's evaluator at
+several batch sizes, with where its time goes, vs the standard recipe's loops at ``--batch-size``:
+
+    python benchmarks/bench_training.py --systems asr-lora-trimmed standard --eval-batch-sizes 8 16 50 --write
+
+The GPU check (``benchmarks/run_gpu.sh``, ``--gpu-check``): large-v3-shaped random weights in bf16,
+8-bit and 4-bit, trimmed vs 30 s vs the standard recipe, plus one real end-to-end run of the bundled
+base; ``--dry-run`` runs the same code on a tiny shape on CPU, writing nothing into BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -34,6 +50,7 @@ import json
 import os
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -41,10 +58,14 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # benchmark this checkout's asr_lora, whatever else is installed
 SYSTEMS = ("asr-lora-trimmed", "asr-lora-30s", "standard")
 MODEL = "bundled:whisper-base"
 # Shapes of random-weight models for GPU throughput (the real checkpoints' configs).
 SHAPES = {
+    "tiny": dict(d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+                 decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128, num_mel_bins=80,
+                 vocab_size=51865),
     "base": dict(d_model=512, encoder_layers=6, decoder_layers=6, encoder_attention_heads=8,
                  decoder_attention_heads=8, encoder_ffn_dim=2048, decoder_ffn_dim=2048, num_mel_bins=80,
                  vocab_size=51865),
@@ -53,6 +74,10 @@ SHAPES = {
                      vocab_size=51866),
 }
 TOKENIZER_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json")
+# The KsponSpeech-like mix: target lengths log-normal (median e^1.8 = 6 s), kept within 2-15 s, each
+# filled with whole demo clips: 200 utterances come out at a mean of 5.6 s (KsponSpeech: 5.6 s).
+MIX_LOG_MEDIAN, MIX_LOG_SIGMA, MIX_RANGE = 1.8, 0.5, (2.0, 15.0)
+GAP = 3200  # samples of silence (0.2 s) between joined clips
 
 
 def peak_memory_mb() -> float:
@@ -126,6 +151,50 @@ def concat_manifest(src: Path, n: int, out: Path) -> Path:
     return manifest
 
 
+def mix_manifest(src: Path, n: int, out: Path, seed: int = 0) -> Path:
+    """A KsponSpeech-like length mix: ``n`` utterances of 2 to 15 s, each the demo clips of ``src`` that
+    follow in order (0.2 s of silence between) up to a length drawn from a log-normal (``MIX_*``),
+    written as 16-bit wav files with a manifest (durations filled in). The same (src, n, seed), the
+    same files."""
+    import random
+
+    import numpy as np
+    import soundfile as sf
+
+    from asr_lora.audio import SAMPLE_RATE, load_audio
+
+    rows = read_manifest_rows(src)
+    manifest = out / "train.jsonl"
+    if manifest.is_file():
+        return manifest
+    out.mkdir(parents=True, exist_ok=True)
+    rng, k, lines = random.Random(seed), 0, []
+    low, high = MIX_RANGE
+    for u in range(n):
+        target = min(high, max(low, rng.lognormvariate(MIX_LOG_MEDIAN, MIX_LOG_SIGMA)))
+        group = [rows[k % len(rows)]]
+        total = group[0]["duration"]
+        k += 1
+        while total < low or total + GAP / SAMPLE_RATE + rows[k % len(rows)]["duration"] <= target:
+            group.append(rows[k % len(rows)])
+            total += GAP / SAMPLE_RATE + group[-1]["duration"]
+            k += 1
+        gap = np.zeros(GAP, dtype=np.float32)
+        audio = np.concatenate([x for r in group for x in (load_audio(r["audio"]), gap)][:-1])
+        path = out / f"mix-{u:05d}.wav"
+        sf.write(path, audio, SAMPLE_RATE, subtype="PCM_16")
+        lines.append(json.dumps({"id": path.stem, "audio": str(path), "text": " ".join(r["text"] for r in group),
+                                 "duration": round(len(audio) / SAMPLE_RATE, 3)}, ensure_ascii=False))
+    manifest.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return manifest
+
+
+def durations_of(manifest: Path) -> list[float]:
+    import soundfile as sf
+
+    return [sf.info(r["audio"]).duration for r in read_manifest_rows(manifest)]
+
+
 def mean_duration(manifest: Path) -> float:
     import soundfile as sf
 
@@ -147,15 +216,27 @@ def run_asr_lora(mode: str, steps: int, out: Path, args) -> dict:
         f"train.output_dir={out}", f"train.eval_every={steps}", f"train.save_every={steps}",
         f"train.warmup_steps={max(1, steps // 10)}", f"data.train={args.train}",
         f"data.dev={REPO / 'data/demo/dev.jsonl'}", "eval.max_samples=2",  # dev is scored below, alike for all
+        "eval.zero_shot=false", "train.report_to=none",
+        *([f"train.batch_seconds={args.batch_seconds}"] if args.batch_seconds else []),
+        *([f"train.num_workers={args.num_workers}"] if args.num_workers is not None else []),
     ])
     start = time.perf_counter()
-    trainer = run_training(cfg, progress=False)
+    trainer = run_training(cfg, resume=False, progress=False)
     wall = time.perf_counter() - start
+    from asr_lora.data.loader import resolve_num_workers
+    from asr_lora.data.samplers import padded_seconds
+
+    plan = trainer.plan  # the micro-batches each step took (one process, no accumulation)
+    per_step = [len(b) for b in plan.take(0, 0, trainer.state.step)[0]]
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    step_times = [r["step_seconds"] for r in records if "step_seconds" in r][1:] or [wall]
-    evals = [r for r in records if "cer" in r]
-    return {"wall_seconds": wall, "step_seconds": sum(step_times) / len(step_times),
-            "utt_per_s": args.batch_size * len(step_times) / sum(step_times),
+    timed = [r for r in records if "step_seconds" in r][1:]  # after the warm-up step
+    seconds = sum(r["step_seconds"] for r in timed) or wall
+    return {"wall_seconds": wall, "step_seconds": seconds / max(1, len(timed)),
+            "utt_per_s": sum(per_step[r["step"] - 1] for r in timed) / seconds if timed else sum(per_step) / wall,
+            "data_wait_seconds": sum(r["data_seconds"] for r in timed) / max(1, len(timed)),
+            "largest_batch_seconds": max(padded_seconds(b, plan.durations, plan.floor_seconds) for b in plan.epoch(0)),
+            "clips_per_batch": sum(map(len, plan.epoch(0))) / len(plan.epoch(0)),
+            "workers": resolve_num_workers(cfg.train.num_workers, trainer.accelerator.device),
             "adapter": str(out / "final"), "steps": trainer.state.step}
 
 
@@ -316,7 +397,7 @@ def standard_eval(adapter: str, args) -> dict:
 
     device = next(model.parameters()).device
     start = time.perf_counter()
-    hyps = []
+    hyps, steps, tokens = [], 0, 0
     with torch.no_grad():
         for i in range(0, len(ds), args.batch_size):
             batch = collator([ds[j] for j in range(i, min(i + args.batch_size, len(ds)))])
@@ -324,12 +405,67 @@ def standard_eval(adapter: str, args) -> dict:
                 out = model.generate(input_features=batch["input_features"].to(device), language="ko",
                                      task="transcribe", max_new_tokens=225)
             hyps += [t.strip() for t in tokenizer.batch_decode(out, skip_special_tokens=True)]
+            steps, tokens = steps + decoder_steps(out, tokenizer), tokens + text_tokens(out, tokenizer)
     generate_seconds = time.perf_counter() - start
     return {"seconds": trainer_seconds, "cer": metrics["eval_cer"], "generate_only_seconds": generate_seconds,
-            "generate_only_cer": score(refs, hyps).cer, "precompute_seconds": precompute}
+            "generate_only_cer": score(refs, hyps).cer, "precompute_seconds": precompute,
+            "generate_only_steps": steps, "generate_only_tokens": tokens}
+
+
+def decoder_steps(ids, tokenizer) -> int:
+    """Decoding steps a batch of output ids took: its length past the forced prompt."""
+    prompt = sum(1 for t in ids[0].tolist() if t >= tokenizer.eos_token_id and t != tokenizer.eos_token_id) or 0
+    return ids.shape[1] - prompt
+
+
+def text_tokens(ids, tokenizer) -> int:
+    """Text tokens decoded (special tokens, padding and end of text left out)."""
+    return int((ids < tokenizer.eos_token_id).sum())
 
 
 # --------------------------------------------------------------------------- scoring (same evaluator for all)
+
+
+def eval_asr_lora(adapter: str, args) -> dict:
+    """One dev pass with asr-lora's evaluator (``evaluate_rows``, training's decode options) at each of
+    ``--eval-batch-sizes``, after a warm-up, and where the time of one more pass at the first size goes:
+    the transcriber's encoder pass (features + encoder) and its greedy decoding, timed around its own
+    methods (the decode path itself is untouched); the rest is audio loading, batching and scoring."""
+    from asr_lora.backends import DecodeOptions
+    from asr_lora.data.manifest import read_rows
+    from asr_lora.evaluate import evaluate_rows
+    from asr_lora.sources import ModelSource, load_transcriber
+
+    options = DecodeOptions(max_new_tokens=128, bound_by_reference=True)  # as training's dev evaluation
+    transcriber = load_transcriber(ModelSource("adapter", adapter), options)
+    rows = read_rows(REPO / "data/demo/dev.jsonl")[0]
+    evaluate_rows(transcriber, rows[:4], batch_size=4)  # warm-up
+    by_batch = {}
+    for size in args.eval_batch_sizes:
+        result = evaluate_rows(transcriber, rows, batch_size=size)
+        by_batch[str(size)] = {"seconds": result.seconds, "cer": result.report.cer}
+    spent = {"encode": 0.0, "decode": 0.0, "steps": 0, "tokens": 0}
+    encode, generate = transcriber.encode, transcriber.generate_ids
+
+    def timed_encode(audios):
+        t0 = time.perf_counter()
+        out = encode(audios)
+        spent["encode"] += time.perf_counter() - t0
+        return out
+
+    def timed_generate(audios, encoded=None, cap=None):
+        t0 = time.perf_counter()
+        ids = generate(audios, encoded, cap)
+        spent["decode"] += time.perf_counter() - t0
+        spent["steps"] += decoder_steps(ids, transcriber.tokenizer)
+        spent["tokens"] += text_tokens(ids, transcriber.tokenizer)
+        return ids
+
+    transcriber.encode, transcriber.generate_ids = timed_encode, timed_generate
+    result = evaluate_rows(transcriber, rows, batch_size=args.eval_batch_sizes[0])
+    spent.update(total=result.seconds, batch_size=args.eval_batch_sizes[0])
+    main = by_batch.get(str(args.batch_size), by_batch[str(args.eval_batch_sizes[0])])
+    return {"seconds": main["seconds"], "cer": main["cer"], "by_batch": by_batch, "split": spent}
 
 
 def score_adapter(adapter: str, manifest: Path, args) -> dict:
@@ -350,14 +486,18 @@ def score_adapter(adapter: str, manifest: Path, args) -> dict:
 def child(args) -> dict:
     import torch
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(42)
-    out = Path(args.workdir) / f"{args.system}-{args.phase}"
+    variant = (f"-{args.batch_seconds:g}s" if args.batch_seconds else "") + \
+        (f"-{args.num_workers}w" if args.num_workers is not None else "") + (f"-{args.quant}" if args.quant != "none" else "")
+    out = Path(args.workdir) / f"{args.system}-{args.phase}{variant}"
     steps = args.steps
     if args.phase == "eval":
         if args.system == "standard":
             result = standard_eval(args.adapter, args)
         else:
-            result = score_adapter(args.adapter, REPO / "data/demo/dev.jsonl", args)
+            result = eval_asr_lora(args.adapter, args)
         result["peak_memory_mb"] = peak_memory_mb()
         return result
     if args.system == "standard":
@@ -371,19 +511,30 @@ def child(args) -> dict:
     return result
 
 
-def spawn(system: str, phase: str, steps: int, args, adapter: str | None = None) -> dict:
+def spawn(system: str, phase: str, steps: int, args, adapter: str | None = None, timeout: float | None = None,
+          batch_seconds: float | None = None, num_workers: int | None = None) -> dict:
     cmd = [sys.executable, __file__, "--child", "--system", system, "--phase", phase, "--steps", str(steps),
            "--batch-size", str(args.batch_size), "--workdir", args.workdir, "--model", args.model,
-           "--quant", args.quant, "--precision", args.precision, "--train", str(args.train)]
+           "--quant", args.quant, "--precision", args.precision, "--train", str(args.train),
+           "--eval-batch-sizes", *map(str, args.eval_batch_sizes or [args.batch_size])]
     if args.gradient_checkpointing:
         cmd.append("--gradient-checkpointing")
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
     if adapter:
         cmd += ["--adapter", adapter]
-    print(f"# {phase}: {system}, {steps} steps", file=sys.stderr, flush=True)
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if batch_seconds:
+        cmd += ["--batch-seconds", str(batch_seconds)]
+    if num_workers is not None:
+        cmd += ["--num-workers", str(num_workers)]
+    print(f"# {phase}: {system}, {steps} steps" + (f", batch_seconds {batch_seconds}" if batch_seconds else "")
+          + (f", {num_workers} workers" if num_workers is not None else ""), file=sys.stderr, flush=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         raise RuntimeError(f"{system} {phase} failed:\n{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result["load_average"] = os.getloadavg()[0]  # other work on the machine when it ended
+    return result
 
 
 def setting_line(results: dict) -> str:
@@ -444,6 +595,271 @@ def markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
+SCALE_VARIANTS = (("fixed", "loop"), ("fixed", "background"), ("seconds", "loop"), ("seconds", "background"))
+
+
+def fixed_batch_seconds(manifest: Path, batch_size: int) -> float:
+    """Mean padded seconds of the fixed-size micro-batches of an epoch: the ``batch_seconds`` that asks
+    the same work per micro-batch on average (so the two compare at equal batch work)."""
+    from asr_lora.data.samplers import length_grouped_batches, padded_seconds
+
+    durations = durations_of(manifest)
+    batches = length_grouped_batches(durations, batch_size, seed=42, epoch=0)
+    return round(sum(padded_seconds(b, durations) for b in batches) / len(batches))
+
+
+def run_scale(args, results: dict) -> None:
+    """The four asr-lora variants (fixed clips / batch_seconds x in the loop / background) and the
+    standard recipe, throughput on the mix, each in its own process."""
+    seconds = args.batch_seconds or fixed_batch_seconds(Path(args.train), args.batch_size)
+    workers = args.num_workers if args.num_workers is not None else (None if results["gpu"] else 1)
+    results["scale_batch_seconds"], results["scale_workers"] = seconds, workers
+    for batching, loading in SCALE_VARIANTS:
+        results["scale"][f"{batching}-{loading}"] = spawn(
+            "asr-lora-trimmed", "throughput", args.throughput_steps + 1, args,
+            batch_seconds=seconds if batching == "seconds" else None, num_workers=0 if loading == "loop" else workers)
+    results["scale"]["standard"] = spawn("standard", "throughput", args.throughput_steps + 1, args)
+
+
+def scale_markdown(results: dict) -> str:
+    sc, mem = results["scale"], "peak GPU memory" if results["gpu"] else "peak memory (RSS)"
+    base = sc["standard"]["utt_per_s"]
+    workers = results["scale_workers"]
+    loading = {"loop": "in the loop", "background": f"{workers if workers is not None else 'auto'} worker(s)"}
+    lines = [setting_line(results).replace("batch ", "fixed batch ", 1), "",
+             f"| system | micro-batch | loading | train utt/s | vs standard | step s | data wait per step | "
+             f"largest micro-batch (padded audio) | {mem} |", "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    for batching, how in SCALE_VARIANTS:
+        r = sc[f"{batching}-{how}"]
+        size = (f"{results['batch_size']} clips" if batching == "fixed" else
+                f"<= {results['scale_batch_seconds']:g} s ({r['clips_per_batch']:.1f} clips on average)")
+        lines.append(f"| asr-lora trimmed | {size} | {loading[how]} | {r['utt_per_s']:.2f} | {r['utt_per_s'] / base:.1f}x "
+                     f"| {r['step_seconds']:.2f} | {1000 * r['data_wait_seconds']:.0f} ms | "
+                     f"{r['largest_batch_seconds']:.0f} s | {r['peak_memory_mb'] / 1024:.1f} GB |")
+    r = sc["standard"]
+    lines.append(f"| standard (30 s features precomputed, `Seq2SeqTrainer`) | {results['batch_size']} clips | "
+                 f"`datasets.map` before training ({r['precompute_seconds']:.0f} s) | {base:.2f} | 1.0x | "
+                 f"{r['step_seconds']:.2f} | - | {30 * results['batch_size']} s | {r['peak_memory_mb'] / 1024:.1f} GB |")
+    overlap = lambda b: 1 - sc[f"{b}-background"]["data_wait_seconds"] / max(sc[f"{b}-loop"]["data_wait_seconds"], 1e-9)  # noqa: E731
+    loads = ", ".join(f"{r['load_average']:.1f}" for r in sc.values())
+    lines += ["", f"Throughput over {results['throughput_steps']} optimizer steps after one warm-up step, each system in "
+              f"its own process, utterances counted per step from the batch plan. `batch_seconds` = "
+              f"{results['scale_batch_seconds']:g} s is the mean padded audio of the fixed batches of "
+              f"{results['batch_size']} on this mix (equal work per micro-batch on average). Data wait: the "
+              "loop's time per step getting its micro-batches (`data_seconds` in metrics.jsonl): the whole "
+              "collation (audio decoding, log-mel, labels) in the loop, only the wait for a batch not yet "
+              f"ready with background workers: loader overlap {100 * overlap('fixed'):.0f}% (fixed) and "
+              f"{100 * overlap('seconds'):.0f}% (batch_seconds) of the loading time hidden. Largest micro-batch: "
+              "clips x longest clip over the epoch's plan. Memory: the training process"
+              + ("" if results["gpu"] else " (workers are forks of it: their RSS is mostly its pages, shared "
+                 "copy-on-write, and is not added)") + ". "
+              f"Load average of the machine after each system: {loads}."]
+    return "\n".join(lines)
+
+
+def eval_markdown(results: dict) -> str:
+    ev, bs = results["eval"], results["batch_size"]
+    std, ours = ev["standard"], ev["asr-lora-trimmed"]
+    stock = std["generate_only_seconds"]
+    lines = [f"Measured {results['date']} on {results['device']} (torch threads: {results['threads']}), "
+             f"{results['model_desc']}, one dev pass over data/demo/dev.jsonl (50 clips, mean 3.1 s), each "
+             f"system on its own adapter, trained for {results['budget_seconds']:g} s in the same run "
+             f"({results['budget']['asr-lora-trimmed']['steps']} steps trimmed, "
+             f"{results['budget']['standard']['steps']} steps standard).", "",
+             "| evaluation | features | batch | dev pass | vs stock loop | dev CER | decoding steps | text tokens |",
+             "|---|---|---:|---:|---:|---:|---:|---:|",
+             f"| stock loop (PEFT int8 example: `generate`, `max_new_tokens=225`) | 30 s, precomputed | {bs} | "
+             f"{stock:.1f} s | 1.0x | {std['generate_only_cer']:.4f} | {std.get('generate_only_steps', '-')} | "
+             f"{std.get('generate_only_tokens', '-')} |",
+             f"| `Seq2SeqTrainer.evaluate` (HF blog: generate, then the loss) | 30 s, precomputed | {bs} | "
+             f"{std['seconds']:.1f} s | {stock / std['seconds']:.1f}x | {std['cer']:.4f} | - | - |"]
+    split = ours["split"]
+    for size, r in ours["by_batch"].items():
+        steps = f"{split['steps']} | {split['tokens']}" if int(size) == split["batch_size"] else "- | -"
+        default = " (`eval.batch_size` default)" if int(size) == 16 else ""
+        lines.append(f"| asr-lora (`evaluate_rows`, trimmed){default} | trimmed, from audio | {size} | {r['seconds']:.1f} s "
+                     f"| **{stock / r['seconds']:.1f}x** | {r['cer']:.4f} | {steps} |")
+    rest = split["total"] - split["encode"] - split["decode"]
+    lines += ["", f"Where asr-lora's pass goes (one more pass at batch {split['batch_size']}, "
+              f"{split['total']:.1f} s): greedy decoding {split['decode']:.1f} s "
+              f"({100 * split['decode'] / split['total']:.0f}%), log-mel and encoder {split['encode']:.1f} s "
+              f"({100 * split['encode'] / split['total']:.0f}%), audio loading, batching and scoring {rest:.1f} s "
+              f"({100 * rest / split['total']:.0f}%). Decoding steps: summed over batches (a batch decodes until "
+              "its last clip ends); text tokens: those of the hypotheses (end of text and padding left out). asr-lora's "
+              "pass is `asr-lora eval`'s (in training it also computes the dev loss from the same encoder pass). "
+              "The stock loop's features "
+              f"(`datasets.map`, {std['precompute_seconds']:.1f} s) are not counted in its pass. Load average of "
+              f"the machine after each system: {std['load_average']:.1f} (standard), {ours['load_average']:.1f} (asr-lora)."]
+    return "\n".join(lines)
+
+
+GPU_ROWS = (("bf16", "none", "asr-lora-trimmed", None), ("bf16", "none", "asr-lora-trimmed", 0),
+            ("bf16", "none", "asr-lora-30s", None), ("bf16", "none", "standard", None),
+            ("4-bit", "4bit", "asr-lora-trimmed", None), ("4-bit", "4bit", "asr-lora-30s", None),
+            ("4-bit", "4bit", "standard", None), ("8-bit", "8bit", "asr-lora-trimmed", None),
+            ("8-bit", "8bit", "asr-lora-30s", None), ("8-bit", "8bit", "standard", None))
+E2E_STAGES = ("train", "eval", "merge", "export-ct2", "transcribe")
+
+
+def gpu_markdown(check: dict) -> str:
+    """BENCHMARKS.md's GPU section from the check's results; what did not run reads "not measured"."""
+    rows, e2e = check.get("rows", {}), check.get("e2e", {})
+    na = "not measured"
+    if check.get("dry_run"):
+        lines = [f"CPU dry run of `bash benchmarks/run_gpu.sh --dry-run` {check['date']} ({check['seconds']:.0f} s): a "
+                 "tiny random shape, 2 steps, batch 4: these numbers check the script, they measure nothing."]
+    elif check.get("device"):
+        lines = [f"Measured {check['date']} on {check['device']} by `bash benchmarks/run_gpu.sh` "
+                 f"({check['seconds']:.0f} s in all): whisper-large-v3-shaped model with random weights (speed "
+                 "does not depend on the weight values; no CER), LoRA r=32 q_proj/v_proj, batch "
+                 f"{check['batch_size']}, bf16 autocast, train clips: the KsponSpeech-like mix (mean "
+                 f"{check['mean_seconds']:.1f} s); throughput over {check['steps']} steps after one warm-up step, "
+                 "each system in its own process."]
+    else:
+        lines = ["Not measured: no GPU was lent to this work. `bash benchmarks/run_gpu.sh` (within 8 minutes on one "
+                 "GPU) fills this section: whisper-large-v3-shaped random weights in bf16, 8-bit and 4-bit, "
+                 "trimmed vs 30 s vs the standard recipe on the KsponSpeech-like mix, and one real end-to-end "
+                 "run on the bundled base. Its CPU dry run (`bash benchmarks/run_gpu.sh --dry-run`: the same "
+                 "code on a tiny random shape and 2 steps) is what has run."]
+    memory = "peak memory (RSS)" if check.get("dry_run") else "peak GPU memory"
+    lines += ["", f"| base | system | loading | train utt/s | vs standard | {memory} | data wait per step |",
+              "|---|---|---|---:|---:|---:|---:|"]
+    for label, quant, system, workers in GPU_ROWS:
+        r = rows.get(gpu_key(quant, system, workers)) or {}
+        std = rows.get(gpu_key(quant, "standard", None)) or {}
+        loading = ("`datasets.map` before training" if system == "standard" else "in the loop"
+                   if workers == 0 or r.get("workers") == 0 else f"{r.get('workers', 'auto')} background workers")
+        if "utt_per_s" not in r:
+            why = f" ({r['error']})" if r.get("error") else ""
+            lines.append(f"| {label} | {system} | {loading} | {na}{why} | {na} | {na} | {na} |")
+            continue
+        ratio = f"{r['utt_per_s'] / std['utt_per_s']:.1f}x" if "utt_per_s" in std else na
+        wait = f"{1000 * r['data_wait_seconds']:.0f} ms" if "data_wait_seconds" in r else "-"
+        lines.append(f"| {label} | {system} | {loading} | {r['utt_per_s']:.2f} | {ratio} | "
+                     f"{r['peak_memory_mb'] / 1024:.1f} GB | {wait} |")
+    bg, loop = rows.get(gpu_key("none", "asr-lora-trimmed", None), {}), rows.get(gpu_key("none", "asr-lora-trimmed", 0), {})
+    if bg.get("workers") and "data_wait_seconds" in loop:
+        hidden = 1 - bg["data_wait_seconds"] / max(loop["data_wait_seconds"], 1e-9)
+        lines += ["", f"Loader overlap (bf16, trimmed): background workers hide {100 * hidden:.0f}% of the loading "
+                  f"time the loop spends when it collates itself ({1000 * loop['data_wait_seconds']:.0f} ms per step)."]
+    lines += ["", "End to end on the bundled whisper-base (real weights, demo corpus, the demo recipe on the GPU):", "",
+              "| stage | seconds | result |", "|---|---:|---|"]
+    for stage in E2E_STAGES:
+        r = e2e.get(stage) or {}
+        lines.append(f"| {r.get('what', stage)} | {r['seconds']:.1f} | {r['result']} |" if "seconds" in r else
+                     f"| {stage} | {na} | {r.get('error', na)} |")
+    return "\n".join(lines)
+
+
+def gpu_key(quant: str, system: str, workers: int | None) -> str:
+    return f"{quant}/{system}" + ("/loop" if workers == 0 else "")
+
+
+def gpu_check(args) -> int:
+    """benchmarks/run_gpu.sh: the GPU rows and the end-to-end run within ``--time-limit`` seconds (what
+    does not fit reads "not measured"); writes BENCHMARKS.md's GPU section unless ``--dry-run`` (the
+    same code on CPU with a tiny shape and 2 steps: the section goes to WORKDIR/gpu.md only)."""
+    import torch
+
+    from asr_lora.bundled import resolve_model
+
+    start, dry = time.monotonic(), args.dry_run
+    if not dry and not torch.cuda.is_available():
+        print("no GPU here: run with --dry-run to check the script on CPU", file=sys.stderr)
+        return 2
+    work = Path(args.workdir)
+    files_from = args.files_from or Path(resolve_model(MODEL))
+    shape, steps = ("tiny", 2) if dry else ("large-v3", args.throughput_steps)
+    args.model = str(make_random_model(shape, files_from, work / f"random-{shape}"))
+    args.train = str(mix_manifest(REPO / "data/demo/train.jsonl", 24 if dry else 160, work / "mix"))
+    args.batch_size = 4 if dry else args.batch_size
+    check = {"date": time.strftime("%Y-%m-%d"), "device": device_name(), "dry_run": dry, "batch_size": args.batch_size,
+             "steps": steps, "mean_seconds": mean_duration(Path(args.train)), "rows": {}, "e2e": {}}
+    left = lambda: args.time_limit - (time.monotonic() - start)  # noqa: E731
+    e2e_reserve = 150 if not dry else 0  # the end-to-end run goes after the bf16 rows: keep it room
+    for i, (label, quant, system, workers) in enumerate(GPU_ROWS):
+        if i == 4:
+            end_to_end(args, check["e2e"], left)
+        key = gpu_key(quant, system, workers)
+        budget = left() - (e2e_reserve if i < 4 else 0)
+        if budget < 20:
+            check["rows"][key] = {"error": "out of time"}
+            continue
+        args.quant = quant
+        try:
+            check["rows"][key] = spawn(system, "throughput", steps + 1, args, timeout=budget, num_workers=workers)
+        except subprocess.TimeoutExpired:
+            check["rows"][key] = {"error": "out of time"}
+        except RuntimeError as e:
+            check["rows"][key] = {"error": "failed: " + str(e).strip().splitlines()[-1][:120]}
+        print(f"# {key}: {check['rows'][key]}", file=sys.stderr, flush=True)
+    check["seconds"] = time.monotonic() - start
+    (work / "gpu.json").write_text(json.dumps(check, indent=2))
+    section = gpu_markdown(check)
+    (work / "gpu.md").write_text(section + "\n")
+    print(section)
+    if not dry:
+        write_benchmarks_md(section, "gpu", "GPU")
+    failed = [k for k, r in check["rows"].items() if "failed" in r.get("error", "")]
+    failed += [k for k, r in check["e2e"].items() if "error" in r]
+    return 1 if failed else 0
+
+
+def end_to_end(args, e2e: dict, left) -> None:
+    """The bundled base through the CLI: train, eval, merge, export-ct2, transcribe (each timed)."""
+    work, dry = Path(args.workdir), args.dry_run
+    run, merged, ct2 = work / "e2e-run", work / "e2e-merged", work / "e2e-ct2"
+    steps = 2 if dry else 50
+    clips = sorted((REPO / "data/demo/audio/test").glob("*.flac"))[: 3 if dry else 10]
+    small = ["--n-clips", "4", "--tolerance", "100"] if dry else []  # dry: a 2-step model, any CER goes
+    stages = {
+        "train": ([*cli("train"), str(REPO / "recipes/demo/whisper-base_lora.yaml"), f"train.max_steps={steps}",
+                   f"train.eval_every={steps}", f"train.save_every={steps}", f"train.output_dir={run}",
+                   "train.report_to=none", "eval.zero_shot=false", *(["eval.max_samples=4"] if dry else []),
+                   "--fresh", "--no-progress"], f"train {steps} steps (trimmed, batch 8)"),
+        "eval": ([*cli("eval"), "--adapter", str(run / "final"), "--data", str(REPO / "data/demo/test.jsonl"), "--out",
+                  str(work / "e2e-eval"), *(["--limit", "8"] if dry else []), "--no-progress"], "eval on test"),
+        "merge": ([*cli("merge"), str(run / "final"), "--out", str(merged), *small], "merge (parity check)"),
+        "export-ct2": ([*cli("export-ct2"), str(merged), "--out", str(ct2), *small], "export-ct2 int8 (CER check)"),
+        "transcribe": ([*cli("transcribe"), "--ct2", str(ct2), *map(str, clips), "--out", str(work / "e2e-tx"),
+                        "--no-progress"], f"transcribe {len(clips)} test clips (CTranslate2)"),
+    }
+    for stage, (cmd, what) in stages.items():
+        if left() < 15:
+            e2e[stage] = {"error": "out of time"}
+            continue
+        t0 = time.perf_counter()
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=left(), cwd=REPO)
+        except subprocess.TimeoutExpired:
+            e2e[stage] = {"error": "out of time"}
+            continue
+        seconds = time.perf_counter() - t0
+        if proc.returncode != 0:
+            e2e[stage] = {"error": f"failed (exit {proc.returncode}): {proc.stderr.strip().splitlines()[-1][:120] if proc.stderr.strip() else ''}"}
+            continue
+        e2e[stage] = {"seconds": seconds, "what": what, "result": e2e_result(stage, work, run)}
+        print(f"# e2e {stage}: {e2e[stage]}", file=sys.stderr, flush=True)
+
+
+def cli(command: str) -> list[str]:
+    return [sys.executable, "-m", "asr_lora.cli", command]
+
+
+def e2e_result(stage: str, work: Path, run: Path) -> str:
+    if stage == "train":
+        records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        steps = [r["step_seconds"] for r in records if "step_seconds" in r][1:] or [0.0]
+        cer = [r["cer"] for r in records if "cer" in r]
+        return f"{sum(steps) / len(steps):.3f} s/step, dev CER {cer[-1]:.4f}" if cer else "no eval"
+    if stage == "eval":
+        summary = json.loads((work / "e2e-eval" / "summary.json").read_text())
+        return f"test CER {summary['cer']:.4f} on {summary['n']} clips, decode {summary['decode_seconds']:.1f} s"
+    if stage == "transcribe":
+        return f"{len(list((work / 'e2e-tx').iterdir()))} transcripts written"
+    return "check passed"
+
+
 def write_benchmarks_md(section: str, key: str, title: str) -> None:
     """Put ``section`` under ``## title`` between ``<!-- key:start -->`` and ``<!-- key:end -->`` in BENCHMARKS.md."""
     path = REPO / "BENCHMARKS.md"
@@ -464,8 +880,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=SYSTEMS)
     parser.add_argument("--phases", nargs="+", default=["throughput", "budget", "eval"],
-                        choices=["throughput", "budget", "eval"],
-                        help="phases to run; a later phase alone reuses the earlier ones' results.json in --workdir")
+                        choices=["throughput", "budget", "eval", "scale"],
+                        help="phases to run; a later phase alone reuses the earlier ones' results.json in --workdir; "
+                        "scale: fixed batch vs batch_seconds, in the loop vs background workers, and the standard "
+                        "recipe, on the KsponSpeech-like mix (--mix)")
     parser.add_argument("--model", default=MODEL, help="base model name or folder (default %(default)s)")
     parser.add_argument("--random-shape", choices=sorted(SHAPES),
                         help="instead of --model: a Whisper of this shape with random weights (throughput only)")
@@ -476,6 +894,20 @@ def main(argv: list[str] | None = None) -> int:
                         help="mixed precision, all systems (default: bf16 on a GPU, else no)")
     parser.add_argument("--gradient-checkpointing", action="store_true", help="for all systems")
     parser.add_argument("--concat", type=int, default=1, help="train on N demo clips joined into one (default 1)")
+    parser.add_argument("--mix", type=int, default=None, metavar="N",
+                        help="train on N utterances of the KsponSpeech-like mix (2-15 s, mean 5.6 s at N=200; "
+                        "default 200 for --phases scale)")
+    parser.add_argument("--batch-seconds", type=float, default=None,
+                        help="scale phase: train.batch_seconds (default: the mean padded audio of the fixed batches)")
+    parser.add_argument("--num-workers", type=int, default=None,
+                        help="scale phase: workers of the background variants (default: 1 on CPU, automatic on a GPU)")
+    parser.add_argument("--eval-batch-sizes", type=int, nargs="+", default=None,
+                        help="eval phase: asr-lora's batch sizes (default: --batch-size); the standard loops use --batch-size")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads in every system (default: torch's)")
+    parser.add_argument("--gpu-check", action="store_true", help="benchmarks/run_gpu.sh: the GPU section of BENCHMARKS.md")
+    parser.add_argument("--dry-run", action="store_true", help="with --gpu-check: a tiny shape on CPU, nothing written")
+    parser.add_argument("--time-limit", type=float, default=None,
+                        help="with --gpu-check: seconds for the whole check (default 450; dry run 3000)")
     parser.add_argument("--train", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--write", action="store_true", help="write the table into BENCHMARKS.md")
     parser.add_argument("--section", default=None, help="BENCHMARKS.md section key (default from the settings)")
@@ -499,31 +931,44 @@ def main(argv: list[str] | None = None) -> int:
     args.precision = args.precision or ("bf16" if gpu else "no")
     args.workdir = args.workdir or tempfile.mkdtemp(prefix="asr-lora-bench-")
     work = Path(args.workdir)
+    if args.gpu_check:
+        args.time_limit = args.time_limit or (3000 if args.dry_run else 450)
+        args.batch_size = 16 if args.batch_size == 8 and not args.dry_run else args.batch_size
+        return gpu_check(args)
+    if "scale" in args.phases and args.mix is None:
+        args.mix = 200
     if args.random_shape:
         from asr_lora.bundled import resolve_model
 
         files_from = args.files_from or Path(resolve_model(MODEL))
         args.model = str(make_random_model(args.random_shape, files_from, work / f"random-{args.random_shape}"))
         model_desc = f"whisper-{args.random_shape}-shaped model with random weights"
-        if set(args.phases) - {"throughput"}:
-            parser.error("--random-shape measures throughput only (--phases throughput): CER of random weights means nothing")
+        if set(args.phases) - {"throughput", "scale"}:
+            parser.error("--random-shape measures throughput only (--phases throughput/scale): CER of random weights "
+                         "means nothing")
     else:
         model_desc = "whisper-base (bundled)" if args.model == MODEL else args.model
     train = REPO / "data/demo/train.jsonl"
     args.train = str(concat_manifest(train, args.concat, work / f"concat{args.concat}") if args.concat > 1 else train)
-    results = {"date": time.strftime("%Y-%m-%d"), "device": device_name(), "threads": torch.get_num_threads(),
+    if args.mix:
+        args.train = str(mix_manifest(train, args.mix, work / f"mix{args.mix}"))
+    results = {"date": time.strftime("%Y-%m-%d"), "device": device_name(), "threads": args.threads or torch.get_num_threads(),
                "python": platform.python_version(), "batch_size": args.batch_size, "budget_seconds": args.budget,
                "gpu": gpu, "model": args.model, "random_shape": args.random_shape, "model_desc": model_desc + (f", {args.quant} base" if args.quant != "none" else ""),
                "precision_desc": {"no": "fp32", "bf16": "bf16 autocast", "fp16": "fp16 autocast"}[args.precision]
                + (", gradient checkpointing" if args.gradient_checkpointing else ""),
-               "train_desc": ("demo corpus train split, 360 synthetic Korean clips" if args.concat == 1 else
-                              f"demo train clips joined {args.concat} at a time"),
+               "train_desc": (f"KsponSpeech-like mix of {args.mix} utterances of 2-15 s (median "
+                              f"{statistics.median(durations_of(Path(args.train))):.1f} s), demo clips joined"
+                              if args.mix else "demo corpus train split, 360 synthetic Korean clips" if args.concat == 1
+                              else f"demo train clips joined {args.concat} at a time"),
                "mean_seconds": mean_duration(Path(args.train)), "throughput_steps": args.throughput_steps,
-               "throughput": {}, "budget": {}, "eval": {}}
+               "throughput": {}, "budget": {}, "eval": {}, "scale": {}}
     previous = work / "results.json"
     if "throughput" not in args.phases and previous.is_file():  # later phases on an earlier run's results
         earlier = json.loads(previous.read_text())
         results.update({k: earlier[k] for k in ("throughput", "budget", "date") if k in earlier})
+    if "scale" in args.phases:
+        run_scale(args, results)
     if "throughput" in args.phases:
         for system in args.systems:
             results["throughput"][system] = spawn(system, "throughput", args.throughput_steps + 1, args)
@@ -540,7 +985,13 @@ def main(argv: list[str] | None = None) -> int:
             results["eval"][system] = spawn(system, "eval", 0, args, adapter=results["budget"][system]["adapter"])
     print(json.dumps(results, indent=2))
     (work / "results.json").write_text(json.dumps(results, indent=2))
-    if args.write and set(args.systems) == set(SYSTEMS) and results["throughput"]:
+    if args.write and results["scale"]:
+        write_benchmarks_md(scale_markdown(results), "training-scale", "KsponSpeech-scale training: batch_seconds "
+                            f"and background loading, {results['device']}")
+    if args.write and {"asr-lora-trimmed", "standard"} <= set(results["eval"]):
+        write_benchmarks_md(eval_markdown(results), "evaluation", "Evaluation: asr-lora's dev pass vs the stock "
+                            "generate loop, one run")
+    if args.write and set(args.systems) == set(SYSTEMS) and results["throughput"] and "scale" not in args.phases:
         key = args.section or ("training" if not gpu and args.random_shape is None and args.concat == 1 else
                                f"training-{'gpu' if gpu else 'cpu'}-{args.random_shape or 'model'}-{args.quant}"
                                f"-concat{args.concat}")

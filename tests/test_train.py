@@ -10,7 +10,8 @@ import torch
 
 from asr_lora.config import load_recipe
 from asr_lora.runfolder import latest_checkpoint
-from asr_lora.train import Trainer, length_grouped_batches, run_training
+from asr_lora.data.samplers import length_grouped_batches
+from asr_lora.train import Trainer, run_training
 
 from .conftest import DEMO, REPO, write_manifest
 
@@ -173,22 +174,64 @@ def test_recipes_exist():
             "demo/whisper-base_lora.yaml"} <= names
 
 
-def run_ddp(overrides: list[str], timeout: int = 600):
-    """``asr-lora train`` on the demo recipe with ``overrides`` in 2 gloo processes (torchrun)."""
-    import os
+def free_port() -> int:
     import socket
-    import subprocess
-    import sys
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+        return s.getsockname()[1]
+
+
+def run_ddp(overrides: list[str], timeout: int = 600, probe: Path | None = None):
+    """``asr-lora train`` on the demo recipe with ``overrides`` in 2 gloo processes (torchrun);
+    ``probe``: through :data:`PROBE` (collective counts written next to that path)."""
+    import os
+    import subprocess
+    import sys
+
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    target = ["-m", "asr_lora.cli"]
+    if probe is not None:
+        probe.with_suffix(".py").write_text(PROBE)
+        target, env["PROBE_OUT"] = [str(probe.with_suffix(".py"))], str(probe)
+        env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
     return subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-         "-m", "asr_lora.cli", "train", str(REPO / "recipes" / "demo" / "whisper-base_lora.yaml"), *overrides,
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+         *target, "train", str(REPO / "recipes" / "demo" / "whisper-base_lora.yaml"), *overrides,
          "--no-progress"],
-        capture_output=True, text=True, env=env, timeout=timeout)
+        capture_output=True, text=True, env=env, timeout=timeout, cwd=REPO)
+
+
+# `asr-lora train` counting its collectives: every torch.distributed.all_reduce (element count of the
+# tensor) and every gradient bucket DDP's own reducer all-reduces (a comm hook); one JSON per rank.
+PROBE = """
+import atexit, json, os, sys
+import accelerate, torch, torch.distributed as dist
+from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+counts = {"all_reduce": [], "ddp_buckets": 0}
+plain_all_reduce, plain_prepare = dist.all_reduce, accelerate.Accelerator.prepare_model
+
+def all_reduce(tensor, *args, **kwargs):
+    counts["all_reduce"].append(tensor.numel())
+    return plain_all_reduce(tensor, *args, **kwargs)
+
+def counting_hook(state, bucket):
+    counts["ddp_buckets"] += 1
+    return allreduce_hook(state, bucket)
+
+def prepare_model(self, model, *args, **kwargs):
+    model = plain_prepare(self, model, *args, **kwargs)
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        model.register_comm_hook(None, counting_hook)
+    return model
+
+dist.all_reduce, accelerate.Accelerator.prepare_model = all_reduce, prepare_model
+out = os.environ["PROBE_OUT"] + f".rank{os.environ['RANK']}.json"
+atexit.register(lambda: open(out, "w").write(json.dumps(counts)))
+from asr_lora.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
 
 
 def test_ddp_rank_with_unreadable_dev_shard_does_not_hang(tiny_whisper, small_data, tmp_path):
@@ -215,20 +258,22 @@ def test_ddp_rank_with_unreadable_dev_shard_does_not_hang(tiny_whisper, small_da
 def test_ddp_two_cpu_processes_match_accumulation(tiny_whisper, small_data, tmp_path):
     """DDP with 2 CPU processes (gloo; accelerate's multi-CPU mode, started by torchrun as
     `accelerate launch --multi_gpu` starts GPU ranks): same losses as one process accumulating the
-    same micro-batches, so the ranks agree on the reduced loss and gradient; only rank 0 writes."""
+    same micro-batches, so the ranks agree on the reduced loss and gradient; only rank 0 writes.
+    Each process accumulates 2 micro-batches per step and syncs gradients once per step: one
+    all-reduce of all LoRA gradients, none by DDP's reducer during the backward passes."""
     train, dev = small_data
     common = [f"model.name={tiny_whisper}", "model.audio_context=full", "model.gradient_checkpointing=false",
               "lora.r=4", "lora.alpha=8",
               "lora.dropout=0.0", f"data.train={train}", f"data.dev={dev}", "train.lr=1e-2",
               "train.warmup_steps=0", "eval.max_new_tokens=3", "train.max_steps=3", "train.batch_size=2",
-              "train.eval_every=3", "train.save_every=3"]
+              "train.eval_every=3", "train.save_every=3", "eval.zero_shot=false"]
     ddp = tmp_path / "ddp"
-    proc = run_ddp([*common, f"train.output_dir={ddp}"])
+    proc = run_ddp([*common, "train.grad_accum=2", f"train.output_dir={ddp}"], probe=tmp_path / "probe")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "world size 2" in proc.stderr
     single = tmp_path / "single"
     run_training(recipe(tiny_whisper, small_data, single, "train.max_steps=3", "train.batch_size=2",
-                        "train.grad_accum=2", "train.eval_every=3", "train.save_every=3"), progress=False)
+                        "train.grad_accum=4", "train.eval_every=3", "train.save_every=3"), progress=False)
     got, want = losses(ddp), losses(single)
     assert list(got) == [1, 2, 3]
     # steps 1-2 agree to float precision; later steps may drift by ~1e-3: the all-reduce sums in
@@ -239,6 +284,12 @@ def test_ddp_two_cpu_processes_match_accumulation(tiny_whisper, small_data, tmp_
     lines = (ddp / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 4
     assert sorted(p.name for p in ddp.iterdir() if p.name.startswith("step-")) == ["step-000003"]
+    # one gradient sync per optimizer step on each rank: 3 steps x 2 backward passes, 3 syncs
+    lora = 12 * 2 * 4 * 64  # 12 LoRA modules, A (4 x 64) and B (64 x 4)
+    for rank in (0, 1):
+        counts = json.loads((tmp_path / f"probe.rank{rank}.json").read_text())
+        assert counts["ddp_buckets"] == 0
+        assert [n for n in counts["all_reduce"] if n > 1] == [lora] * 3
 
 
 def test_in_training_eval_equals_asr_lora_eval(tiny_whisper, small_data, tmp_path):
@@ -315,3 +366,98 @@ def test_nonspeech_clips_are_mixed_in_and_scored_as_a_share(tiny_whisper, small_
     lines = [json.loads(line) for line in (out / "eval" / "step-000002.jsonl").read_text().splitlines()]
     silent = [u for u in lines if u.get("nonspeech")]
     assert len(silent) == 3 and record["nonspeech_share"] == sum(bool(u["hyp"]) for u in silent) / 3
+
+
+# --------------------------------------------------------------------------- batches by duration, background loading
+
+
+def test_duration_batches_and_background_workers_resume_bit_identical(tiny_whisper, small_data, tmp_path,
+                                                                     monkeypatch):
+    """train.batch_seconds with 2 background workers: stopped after step 3 and resumed, the run has
+    exactly (bit for bit) the losses and weights of a straight run that loads in the loop, across
+    an epoch boundary."""
+    args = ["train.max_steps=6", "train.batch_seconds=8", "train.eval_every=6", "train.save_every=1",
+            "model.audio_context=trimmed"]
+    straight = tmp_path / "straight"
+    run_training(recipe(tiny_whisper, small_data, straight, *args, "train.num_workers=0"), progress=False)
+    interrupted = tmp_path / "interrupted"
+    original = Trainer.save_checkpoint
+
+    def stop_after_3(self, metrics=None):
+        path = original(self, metrics)
+        if self.state.step == 3:
+            raise KeyboardInterrupt("simulated stop")
+        return path
+
+    monkeypatch.setattr(Trainer, "save_checkpoint", stop_after_3)
+    with pytest.raises(KeyboardInterrupt):
+        run_training(recipe(tiny_whisper, small_data, interrupted, *args, "train.num_workers=2"), progress=False)
+    monkeypatch.setattr(Trainer, "save_checkpoint", original)
+    trainer = run_training(recipe(tiny_whisper, small_data, interrupted, *args, "train.num_workers=2"), resume=True,
+                           progress=False)
+    assert trainer.state.epoch >= 1  # the run crossed an epoch
+    assert losses(interrupted) == losses(straight) and list(losses(straight)) == [1, 2, 3, 4, 5, 6]
+    for key, value in lora_weights(straight, "final").items():
+        assert torch.equal(value, lora_weights(interrupted, "final")[key]), key
+    # micro-batches of several clips and of one, as the budget allows (8 s; clips of 1.4 to 7.4 s)
+    plan = trainer.plan
+    assert max(len(b) for b in plan.epoch(0)) > 1 and min(len(b) for b in plan.epoch(0)) >= 1
+    records = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["data_seconds"] >= 0 for r in records if "loss" in r)
+
+
+def test_background_workers_count_each_bad_row_once(tiny_whisper, small_data, tmp_path, capsys):
+    """A training row whose audio is gone, met in 2 epochs by worker processes: skipped, logged and
+    counted once."""
+    train, dev = small_data
+    rows = [json.loads(line) for line in Path(train).read_text(encoding="utf-8").splitlines()]
+    rows[3]["audio"] = str(tmp_path / "gone.flac")
+    data = (write_manifest(tmp_path / "train.jsonl", rows), dev)
+    trainer = run_training(recipe(tiny_whisper, data, tmp_path / "run", "model.audio_context=trimmed",
+                                  "train.max_steps=8", "train.batch_size=2", "train.eval_every=8",
+                                  "train.save_every=8", "train.num_workers=2"), progress=False)
+    assert trainer.state.step == 8 and trainer.state.epoch == 2
+    assert trainer.state.bad_rows == 1 and trainer.state.bad_row_ids == [rows[3]["id"]]
+    assert capsys.readouterr().err.count(f"skipped row {rows[3]['id']}") == 1
+
+
+def test_two_nodes_through_torchrun_rendezvous(tiny_whisper, small_data, tmp_path):
+    """2 nodes x 1 process, each started by its own torchrun that meets the other through the c10d
+    rendezvous on 127.0.0.1 (how `accelerate launch --num_machines 2` / torchrun start real nodes),
+    with micro-batches by duration and a background worker: the same losses as one process
+    accumulating the two nodes' micro-batches."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    train, dev = small_data
+    common = [f"model.name={tiny_whisper}", "model.audio_context=trimmed", "model.gradient_checkpointing=false",
+              "lora.r=4", "lora.alpha=8", "lora.dropout=0.0", f"data.train={train}", f"data.dev={dev}",
+              "train.lr=1e-2", "train.warmup_steps=0", "eval.max_new_tokens=3", "eval.zero_shot=false",
+              "train.max_steps=2", "train.batch_seconds=8", "train.eval_every=2", "train.save_every=2"]
+    out, port = tmp_path / "nodes", free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    node = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+            "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", "asr-lora-test",
+            "--rdzv_conf", "join_timeout=120", "--local_addr", "127.0.0.1", "--max_restarts", "0",
+            "-m", "asr_lora.cli", "train", str(REPO / "recipes" / "demo" / "whisper-base_lora.yaml"), *common,
+            "train.num_workers=1", f"train.output_dir={out}", "--no-progress"]
+    procs = [subprocess.Popen(node, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO)
+             for _ in range(2)]
+    deadline = time.monotonic() + 400
+    try:
+        logs = [p.communicate(timeout=max(1.0, deadline - time.monotonic()))[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(log[-3000:] for log in logs)
+    assert any("world size 2" in log for log in logs)
+    single = tmp_path / "single"
+    run_training(recipe(tiny_whisper, small_data, single, "model.audio_context=trimmed", "train.max_steps=2",
+                        "train.batch_seconds=8", "train.grad_accum=2", "train.eval_every=2", "train.save_every=2"),
+                 progress=False)
+    got, want = losses(out), losses(single)
+    assert list(got) == [1, 2]
+    assert got[1] == pytest.approx(want[1], rel=1e-5)
+    assert got[2] == pytest.approx(want[2], rel=1e-2)

@@ -526,7 +526,8 @@ def nonspeech_rows(path: str | os.PathLike) -> list[ManifestRow]:
     path = Path(path)
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in AUDIO_SUFFIXES)
-        rows = [ManifestRow(line=i + 1, audio=str(p.resolve()), text="", id=f"nonspeech-{p.stem}")
+        rows = [ManifestRow(line=i + 1, audio=str(p.resolve()), text="", id=f"nonspeech-{p.stem}",
+                            duration=audio_info(p)[0])  # batching by length needs it
                 for i, p in enumerate(files)]
     else:
         rows = read_rows(path)[0]

@@ -1,0 +1,113 @@
+"""Background loading of training micro-batches: audio decoding and log-mel ahead of the loop.
+
+A torch ``DataLoader`` with worker processes runs the collator over exactly the micro-batches the
+loop will take (a :class:`~asr_lora.data.samplers.BatchPlan` from the trainer's position), in
+order, ``PREFETCH`` batches per worker ahead, into pinned memory on a GPU. The loop still owns the
+position (``TrainerState.epoch`` / ``batch_in_epoch``): each batch carries the row ``indices`` it was
+made from, and the loop checks them against the plan, so a resumed run loads what an uninterrupted
+one would. With ``num_workers=0`` the collator runs in the loop, one batch after the other.
+
+Log-mel is computed where the batch is made: in a worker on the CPU (a forked worker must not touch
+CUDA), in the loop on the collator's ``feature_device`` (the GPU when there is one).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Iterable, Iterator, Sequence
+
+import torch
+
+from .manifest import ManifestRow
+
+PREFETCH = 2  # batches each worker prepares ahead (torch's default prefetch_factor)
+MAX_AUTO_WORKERS = 4  # per process on a GPU: enough to keep ahead of a step, few enough to leave cores
+
+
+def resolve_num_workers(num_workers: int | None, device) -> int:
+    """``train.num_workers``, or when it is None: on a GPU up to :data:`MAX_AUTO_WORKERS` per process,
+    within the CPU cores of the node less one per process for the loop; on CPU none (the model's own
+    threads use the cores; loading in the loop measured as fast there: BENCHMARKS.md)."""
+    if num_workers is not None:
+        return num_workers
+    if torch.device(device).type != "cuda":
+        return 0
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # set by torchrun / accelerate launch
+    return max(0, min(MAX_AUTO_WORKERS, (os.cpu_count() or 1) // per_node - 1))
+
+
+def cpu_features(collator):
+    """``collator`` computing log-mel on the CPU (a copy, when it computes it elsewhere): a forked
+    worker process cannot use CUDA."""
+    if getattr(collator, "feature_device", None) is None:
+        return collator
+    return dataclasses.replace(collator, feature_device=None)
+
+
+class _Rows(torch.utils.data.Dataset):
+    """Row ``i`` as ``(i, row)``, so that a batch knows the rows it was made from."""
+
+    def __init__(self, rows: Sequence[ManifestRow]):
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> tuple[int, ManifestRow]:
+        return i, self.rows[i]
+
+
+class _Collate:
+    """The collator over ``(i, row)`` pairs; the batch gets ``indices`` (all rows asked for)."""
+
+    def __init__(self, collator):
+        self.collator = collator
+
+    def __call__(self, items: list[tuple[int, ManifestRow]]) -> dict:
+        batch = self.collator([row for _, row in items])
+        batch["indices"] = [i for i, _ in items]
+        return batch
+
+
+class _Planned(torch.utils.data.Sampler):
+    """A batch sampler over a fixed, lazily produced sequence of micro-batches."""
+
+    def __init__(self, batches: Iterable[list[int]], n: int):
+        self.batches, self.n = batches, n
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return self.n
+
+
+def micro_batches(rows: Sequence[ManifestRow], collator, batches: Iterable[list[int]], n: int,
+                  num_workers: int = 0, pin_memory: bool = False) -> Iterator[dict]:
+    """The collated micro-batches ``batches`` (``n`` of them, lists of row indices), in order.
+
+    ``num_workers > 0``: made in that many worker processes, ``PREFETCH`` each ahead of the loop,
+    pinned when ``pin_memory`` (GPU), log-mel on the CPU (:func:`cpu_features`). The
+    loader draws its worker seed from its own generator, never from the global RNG (whose state
+    checkpoints save: dropout stays what it would be without background loading).
+    """
+    if num_workers == 0:
+        collate = _Collate(collator)
+        return (collate([(i, rows[i]) for i in idx]) for idx in batches)
+    collate = _Collate(cpu_features(collator))
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # forked workers; quiets the tokenizers warning
+    loader = torch.utils.data.DataLoader(
+        _Rows(rows), batch_sampler=_Planned(batches, n), collate_fn=collate, num_workers=num_workers,
+        prefetch_factor=PREFETCH, pin_memory=pin_memory, generator=torch.Generator().manual_seed(0))
+    return iter(loader)
+
+
+def next_batches(loader: Iterator[dict], expected: list[list[int]]) -> list[dict]:
+    """The next ``len(expected)`` batches of ``loader``, checked to hold the rows ``expected`` (the
+    trainer's plan) in that order."""
+    batches = [next(loader) for _ in expected]
+    if [b["indices"] for b in batches] != expected:
+        raise RuntimeError(f"the training loader is out of step with the batch plan: got rows "
+                           f"{[b['indices'] for b in batches]}, expected {expected}")
+    return batches

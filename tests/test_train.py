@@ -436,6 +436,7 @@ def test_two_nodes_through_torchrun_rendezvous(tiny_whisper, small_data, tmp_pat
     common = [f"model.name={tiny_whisper}", "model.audio_context=trimmed", "model.gradient_checkpointing=false",
               "lora.r=4", "lora.alpha=8", "lora.dropout=0.0", f"data.train={train}", f"data.dev={dev}",
               "train.lr=1e-2", "train.warmup_steps=0", "eval.max_new_tokens=3", "eval.zero_shot=false",
+              "data.nonspeech_rate=0", "data.nonspeech_dev=null",
               "train.max_steps=2", "train.batch_seconds=8", "train.eval_every=2", "train.save_every=2"]
     out, port = tmp_path / "nodes", free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}

@@ -31,7 +31,7 @@ import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TextIO
+from typing import Callable, TextIO
 
 import numpy as np
 
@@ -40,7 +40,9 @@ from .errors import UserError
 
 FORMATS = ("txt", "srt", "vtt", "json", "tsv")
 AUDIO_SUFFIXES = frozenset({".wav", ".wave", ".flac", ".mp3", ".ogg", ".oga", ".opus", ".m4a", ".aac",
-                            ".wma", ".aif", ".aiff", ".pcm", ".webm", ".mp4"})
+                            ".wma", ".aif", ".aiff", ".pcm", ".webm", ".mp4",
+                            # decoded by PyAV: audio containers, and the first audio stream of a video
+                            ".m4b", ".mka", ".amr", ".3gp", ".caf", ".ac3", ".mov", ".mkv", ".m4v", ".avi"})
 MANIFEST_SUFFIXES = frozenset({".jsonl", ".ndjson"})
 TSV_NAME = "transcripts.tsv"
 
@@ -288,6 +290,20 @@ class Writer:
 def audible(piece: np.ndarray, sr: int = SAMPLE_RATE) -> bool:
     """Whether a piece is worth decoding: at least :data:`MIN_AUDIBLE` long and not digital silence."""
     return len(piece) >= MIN_AUDIBLE * sr and float(np.abs(piece).max()) >= SILENT_PEAK
+
+
+def transcribe_audio(audio: np.ndarray, decode: Callable[[list[np.ndarray]], list[str]], split: str) -> list[dict]:
+    """Segments (``start``, ``end``, ``text``) of one 16 kHz waveform, cut as ``split`` says ("pauses" or
+    "windows"); ``decode`` gets the audible pieces in one call (the server's batching queue), the rest
+    stay empty."""
+    bounds = segment_bounds(audio, split)
+    segments = [{"start": round(a / SAMPLE_RATE, 3), "end": round(b / SAMPLE_RATE, 3), "text": ""}
+                for a, b in zip(bounds[:-1], bounds[1:])]
+    heard = [k for k, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])) if audible(audio[a:b])]
+    texts = decode([audio[bounds[k] : bounds[k + 1]] for k in heard]) if heard else []
+    for k, text in zip(heard, texts):
+        segments[k]["text"] = text
+    return segments
 
 
 def _load(item: Item, failures: list[Failure]) -> np.ndarray | None:

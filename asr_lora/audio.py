@@ -47,6 +47,7 @@ DYNAMIC_RANGE = 8.0  # log10 units kept below each example's maximum
 CPU_CHUNK_FRAMES = 3000  # frames per STFT call on CPU: one 30 s clip's worth stays in cache
 
 PCM_SAMPLE_RATE = 16000  # KsponSpeech .pcm: headerless 16 kHz, 16-bit signed LE, mono
+AV_SEEK_MARGIN = 1.0  # seconds decoded before ``offset`` after a PyAV seek: codecs with overlap settle
 
 Padding = Literal["longest", "max_length"]
 
@@ -143,8 +144,10 @@ def audio_info(path: str | os.PathLike) -> tuple[float, int, int]:
             stream = container.streams.audio[0]
             if stream.duration is not None:
                 duration = float(stream.duration * stream.time_base)
-            else:
-                duration = (container.duration or 0) / av.time_base
+            elif container.duration is not None:
+                duration = container.duration / av.time_base
+            else:  # a corrupt file a lenient demuxer opened
+                raise ValueError("no duration in the header")
             return duration, stream.codec_context.sample_rate, stream.codec_context.layout.nb_channels or 1
     except Exception as e:
         reason = "no audio stream" if isinstance(e, IndexError) else getattr(e, "strerror", None) or str(e)
@@ -187,9 +190,6 @@ def _read_other(path: Path, offset: float | None, end: float | None) -> tuple[np
         raise AudioError(path, f"cannot decode (libsndfile: {soundfile_error}; PyAV: {reason})") from e
 
 
-AV_SEEK_MARGIN = 1.0  # seconds decoded before ``offset`` after a seek: codecs with overlap settle
-
-
 def _read_av(path: Path, offset: float | None, end: float | None) -> tuple[np.ndarray, int]:
     """The first audio stream of any container FFmpeg (PyAV's bundled build) reads, at its own rate.
 
@@ -208,13 +208,13 @@ def _read_av(path: Path, offset: float | None, end: float | None) -> tuple[np.nd
         t0 = float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
         start = 0 if offset is None else round(offset * file_sr)
         stop = None if end is None else round(end * file_sr)
-        pos = 0
-        if offset is not None and offset > AV_SEEK_MARGIN:
+        pos, seek = 0, offset is not None and offset > AV_SEEK_MARGIN
+        if seek:
             container.seek(int((t0 + offset - AV_SEEK_MARGIN) / stream.time_base), stream=stream, backward=True)
             pos = None  # known from the first frame decoded after the seek
         to_float = av.AudioResampler(format="fltp")  # sample format only: rate and layout kept
-        chunks = []
-        for frame in container.decode(stream):
+        chunks, n_frames = [], 0
+        for n_frames, frame in enumerate(container.decode(stream), start=1):
             if pos is None:
                 pos = round((frame.time - t0) * file_sr) if frame.time is not None else 0
             for converted in to_float.resample(frame):
@@ -223,8 +223,10 @@ def _read_av(path: Path, offset: float | None, end: float | None) -> tuple[np.nd
                 lo, hi = max(a, start), pos if stop is None else min(pos, stop)
                 if hi > lo:
                     chunks.append(data[:, lo - a : hi - a])
-            if stop is not None and pos is not None and pos >= stop:
+            if stop is not None and pos >= stop:
                 break
+        if n_frames == 0 and not seek:  # a corrupt file a lenient demuxer opened, or an empty stream
+            raise AudioError(path, "no audio frames in the stream")
         n_channels = stream.codec_context.layout.nb_channels or 1
         if not chunks:
             return np.zeros((0, n_channels), np.float32), file_sr

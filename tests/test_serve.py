@@ -60,6 +60,19 @@ def adapters(tiny_whisper, tmp_path_factory) -> dict[str, Path]:
     return out
 
 
+@pytest.fixture(scope="module")
+def shipped(adapters, tmp_path_factory) -> dict[str, Path]:
+    """Adapter B merged ("Bm") and exported to CTranslate2 float32 ("Bc"), parity-checked by asr-lora."""
+    from asr_lora.export import export_ct2, merge_adapter
+
+    folder = tmp_path_factory.mktemp("shipped")
+    data = adapters["B"].parents[1] / "B.jsonl"
+    merge_adapter(adapters["B"], folder / "merged", data=data, max_new_tokens=4, log=lambda *a: None)
+    export_ct2(folder / "merged", folder / "ct2", quantization="float32", data=data, max_new_tokens=4,
+               log=lambda *a: None)
+    return {"Bm": folder / "merged", "Bc": folder / "ct2"}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -113,24 +126,28 @@ class Server:
 
 
 @pytest.fixture(scope="module")
-def server(tiny_whisper, adapters, tmp_path_factory):
-    """The tiny base (as "tiny") with adapters A and B on it, an API key and small limits."""
+def server(tiny_whisper, adapters, shipped, tmp_path_factory):
+    """The tiny base (as "tiny") with adapters A and B on it, B merged and in CTranslate2, an API key and
+    small limits."""
     tmp = tmp_path_factory.mktemp("serve") / "tmp"
     srv = Server(["--model", f"tiny={tiny_whisper}", "--adapter", f"A={adapters['A']}", "--adapter",
-                  f"B={adapters['B']}", "--api-key", API_KEY, "--max-upload-mb", "2", "--max-audio-seconds", "60",
+                  f"B={adapters['B']}", "--merged", f"Bm={shipped['Bm']}", "--ct2", f"Bc={shipped['Bc']}",
+                  "--api-key", API_KEY, "--max-upload-mb", "2", "--max-audio-seconds", "60",
                   "--max-new-tokens", str(MAX_NEW_TOKENS), "--batch-wait-ms", "50"], tmp)
     yield srv
     srv.stop()
 
 
 @pytest.fixture(scope="module")
-def reference(tiny_whisper, adapters):
+def reference(tiny_whisper, adapters, shipped):
     """Each model loaded alone, as `asr-lora transcribe` loads it: model name -> transcriber."""
     from asr_lora.backends import load_transcriber
 
     return {"tiny": load_transcriber(model=str(tiny_whisper), max_new_tokens=MAX_NEW_TOKENS),
             **{name: load_transcriber(adapter=str(path), max_new_tokens=MAX_NEW_TOKENS)
-               for name, path in adapters.items()}}
+               for name, path in adapters.items()},
+            "Bm": load_transcriber(merged=str(shipped["Bm"]), max_new_tokens=MAX_NEW_TOKENS),
+            "Bc": load_transcriber(ct2=str(shipped["Bc"]), max_new_tokens=MAX_NEW_TOKENS)}
 
 
 @pytest.fixture(scope="module")
@@ -164,25 +181,28 @@ def error_of(excinfo) -> dict:
 
 def test_models_health_and_the_adapters_differ(server, reference, clips):
     health = httpx.get(f"{server.url}/health").json()  # no key needed
-    assert health["status"] == "ok" and health["models"] == ["tiny", "A", "B"]
+    assert health["status"] == "ok" and health["models"] == ["tiny", "A", "B", "Bm", "Bc"]
     models = server.client().models.list()
-    assert [m.id for m in models.data] == ["tiny", "A", "B"]
+    assert [m.id for m in models.data] == ["tiny", "A", "B", "Bm", "Bc"]
     kinds = {m.id: m.model_dump()["kind"] for m in models.data}
-    assert kinds == {"tiny": "model", "A": "adapter", "B": "adapter"}
+    assert kinds == {"tiny": "model", "A": "adapter", "B": "adapter", "Bm": "merged", "Bc": "ct2"}
+    assert {m.id: m.model_dump()["audio_context"] for m in models.data}["Bc"] == "trimmed"  # travels with B
     audio = load_audio(clips["ko_finetune"])
     alone = {name: t.transcribe_batch([audio])[0] for name, t in reference.items()}
     assert alone["A"].startswith(TEXTS["A"]) and alone["B"].startswith(TEXTS["B"])  # trained to differ
+    assert alone["Bm"].startswith(TEXTS["B"]) and alone["Bc"].startswith(TEXTS["B"])
     assert not alone["tiny"].startswith((TEXTS["A"], TEXTS["B"]))
 
 
 def test_two_adapters_and_the_base_under_concurrency(server, reference, clips):
-    """Requests for A, B and the base at the same moment each get their own model's transcript (the
-    one the model gives loaded alone), while the server batches them."""
+    """Requests for A, B, the base they share, and the merged and CTranslate2 models at the same moment
+    each get their own model's transcript (the one the model gives loaded alone), while the server
+    batches them."""
     expected = {(m, c): t.transcribe_batch([load_audio(p)])[0]
                 for m, t in reference.items() for c, p in clips.items()}
     assert len({expected[m, "ko_finetune"] for m in ("A", "B", "tiny")}) == 3
     before = httpx.get(f"{server.url}/health").json()
-    jobs = [(m, c) for _ in range(3) for m in ("A", "B", "tiny") for c in clips]  # 27 requests, interleaved
+    jobs = [(m, c) for _ in range(2) for m in ("A", "B", "tiny", "A", "B", "Bm", "Bc") for c in clips]  # 42, mixed
     client = server.client()
     with ThreadPoolExecutor(max_workers=12) as pool:
         got = list(pool.map(lambda job: transcribe(client, job[0], clips[job[1]]).text, jobs))
@@ -258,10 +278,18 @@ def test_m4a_and_webm_uploads(server, reference, tmp_path):
             assert transcribe(client, model, path).text == want
 
 
-def test_request_language_is_forced(server, clips):
+def test_request_language_is_forced(server, clips, tiny_whisper, shipped):
+    from asr_lora.backends import load_transcriber
+
     client = server.client()
-    english = transcribe(client, "tiny", clips["en_fox"], language="en", response_format="verbose_json")
-    assert english.model_dump()["language"] == "english"
+    audio = load_audio(clips["en_fox"])
+    for name, source in (("tiny", {"model": str(tiny_whisper)}), ("Bc", {"ct2": str(shipped["Bc"])})):
+        english = transcribe(client, name, clips["en_fox"], language="en", response_format="verbose_json")
+        assert english.model_dump()["language"] == "english"
+        alone = load_transcriber(**source, language="en", max_new_tokens=MAX_NEW_TOKENS)
+        assert english.text == alone.transcribe_batch([audio])[0]
+        korean = transcribe(client, name, clips["en_fox"], language="korean")  # a name works too, and it resets
+        assert korean.text == transcribe(client, name, clips["en_fox"]).text
     with pytest.raises(openai.BadRequestError) as err:
         transcribe(client, "tiny", clips["en_fox"], language="xx")
     assert error_of(err)["param"] == "language"
@@ -314,7 +342,7 @@ def test_unknown_model_404_lists_the_names(server, clips):
         transcribe(server.client(), "whisper-1", clips["en_fox"])
     error = error_of(err)
     assert error["code"] == "model_not_found" and error["param"] == "model"
-    assert "'whisper-1'" in error["message"] and "tiny, A, B" in error["message"]
+    assert "'whisper-1'" in error["message"] and "tiny, A, B, Bm, Bc" in error["message"]
 
 
 def test_bad_uploads_never_take_the_server_down(server, clips, tmp_path):

@@ -101,8 +101,7 @@ class ServedModel:
     def describe(self) -> dict:
         settings = self.transcriber.settings
         return {"id": self.name, "object": "model", "created": self.created, "owned_by": "asr-lora",
-                "kind": self.kind, "path": self.path, "language": settings.language,
-                "audio_context": settings.audio_context}
+                "kind": self.kind, "language": settings.language, "audio_context": settings.audio_context}
 
 
 def default_base_name(model: str) -> str:
@@ -570,8 +569,11 @@ def create_app(models: list[ServedModel], options: ServerOptions):
             async with request.form(max_files=1, max_fields=32) as form:
                 fields = _parse_fields(form, by_name, UploadFile)
                 upload_path = await _save_upload(form["file"], uploads["dir"])
-            audio = await run_in_threadpool(_decode_upload, upload_path, fields["filename"],
-                                            options.max_audio_seconds)
+            try:
+                audio = await run_in_threadpool(_decode_upload, upload_path, fields["filename"],
+                                                options.max_audio_seconds)
+            finally:
+                upload_path.unlink(missing_ok=True)  # decoded: the file is not needed any more
             model: ServedModel = fields["model"]
             segments = await run_in_threadpool(
                 transcribe_audio, audio, partial(model.engine.decode, model, fields["language"]), model.split)
@@ -592,7 +594,7 @@ def create_app(models: list[ServedModel], options: ServerOptions):
             return error_response(ApiError(500, f"internal error ({type(e).__name__}: {e})", "server_error",
                                            type="server_error"))
         finally:
-            if upload_path is not None:
+            if upload_path is not None:  # also when the request failed before decoding
                 upload_path.unlink(missing_ok=True)
 
     return _Guard(app, options.api_key, max_bytes)
@@ -614,6 +616,9 @@ def _parse_fields(form, by_name: dict, upload_type) -> dict:
     upload = form.get("file")
     if not isinstance(upload, upload_type):
         raise ApiError(400, "no audio file: send it as the multipart field 'file'", "missing_file", "file")
+    for key, value in form.multi_items():
+        if key != "file" and not isinstance(value, str):
+            raise ApiError(400, f"field {key!r} must be text, not a file", "invalid_value", key)
     model = _find_model(by_name, (form.get("model") or "").strip() or None)
     response_format = (form.get("response_format") or "json").strip()
     if response_format not in RESPONSE_FORMATS:

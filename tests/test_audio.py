@@ -292,23 +292,26 @@ def test_empty_audio_raises_audio_error(tmp_path):
 
 def encode_media(audio: np.ndarray, path: Path, codec: str, rate: int = SAMPLE_RATE, video: str | None = None,
                  sr: int = SAMPLE_RATE) -> Path:
-    """Write ``audio`` (float32 mono at ``sr``) with PyAV: ``codec`` at ``rate`` Hz in the container
-    named by the suffix, plus a small ``video`` stream (e.g. "libx264") before the audio one if given."""
+    """Write ``audio`` (float32 at ``sr``: mono, or (channels, samples) for stereo) with PyAV: ``codec``
+    at ``rate`` Hz in the container named by the suffix, plus a small ``video`` stream (e.g. "libx264")
+    before the audio one if given."""
     import av
 
+    layout = "stereo" if audio.ndim == 2 else "mono"
     with av.open(str(path), "w") as out:
         vstream = out.add_stream(video, rate=10) if video else None
         astream = out.add_stream(codec, rate=rate)
-        astream.layout = "mono"
+        astream.layout = layout
         if vstream is not None:
             vstream.width, vstream.height, vstream.pix_fmt = 64, 48, "yuv420p"
             for i in range(int(len(audio) / sr * 10) + 1):
                 image = np.full((48, 64, 3), i * 7 % 256, np.uint8)
                 out.mux(vstream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
             out.mux(vstream.encode())
-        frame = av.AudioFrame.from_ndarray((audio * 32767).astype(np.int16)[None], format="s16", layout="mono")
+        interleaved = (np.atleast_2d(audio).T.reshape(1, -1) * 32767).astype(np.int16)  # packed s16
+        frame = av.AudioFrame.from_ndarray(interleaved, format="s16", layout=layout)
         frame.sample_rate, frame.pts, frame.time_base = sr, 0, fractions.Fraction(1, sr)
-        resampler = av.AudioResampler(format=astream.format.name, layout="mono", rate=rate)
+        resampler = av.AudioResampler(format=astream.format.name, layout=layout, rate=rate)
         for converted in resampler.resample(frame) + resampler.resample(None):
             out.mux(astream.encode(converted))
         out.mux(astream.encode())
@@ -351,6 +354,16 @@ def test_media_containers_decode_to_the_source(tmp_path, name):
     assert best_correlation(source, audio) > 0.9
     duration, sr, channels = audio_info(path)
     assert (sr, channels) == (rate, 1) and duration == pytest.approx(len(audio) / SAMPLE_RATE, abs=0.15)
+
+
+def test_stereo_44k_m4a_downmixes_and_resamples(tmp_path):
+    source = load_audio(ASSETS / "ko_finetune.flac")
+    stereo = np.stack([source, 0.5 * source])  # the right channel is the left at half volume
+    path = encode_media(stereo, tmp_path / "stereo.m4a", "aac", rate=44100)
+    assert audio_info(path)[1:] == (44100, 2)
+    audio = load_audio(path)
+    assert best_correlation(source, audio) > 0.9
+    assert np.sqrt(np.mean(audio**2)) == pytest.approx(0.75 * np.sqrt(np.mean(source**2)), rel=0.1)
 
 
 def long_clip() -> np.ndarray:

@@ -99,7 +99,8 @@ def run_clients(url: str, model: str, clips: list[Path], n_requests: int, concur
             "texts": texts}
 
 
-def measure_server(mode: str, args, clips: list[Path], env: dict, work: Path, reference: list[str]) -> list[dict]:
+def measure_server(mode: str, args, clips: list[Path], env: dict, work: Path, reference: list[str],
+                   refs: list[str]) -> list[dict]:
     import httpx
 
     source = ["--adapter", f"bench={args.adapter}"] if args.adapter else ["--model", f"bench={args.model}"]
@@ -116,13 +117,21 @@ def measure_server(mode: str, args, clips: list[Path], env: dict, work: Path, re
             texts = result.pop("texts")
             same = sum(t == reference[i % len(reference)] for i, t in enumerate(texts))
             rows.append({"mode": mode, "concurrency": c, "requests": args.requests, **result,
-                         "batches": after["batches"] - before["batches"], "same_as_transcribe": same})
+                         "batches": after["batches"] - before["batches"], "same_as_transcribe": same,
+                         "cer": cer(texts, refs)})
     finally:
         stop_server(proc)
     return rows
 
 
-def measure_transcribe(args, clips: list[Path], env: dict) -> tuple[dict, list[str]]:
+def cer(texts: list[str], refs: list[str]) -> float:
+    """Corpus CER of request ``i``'s transcript against clip ``i % len(refs)``'s reference."""
+    from asr_lora.metrics import score
+
+    return score([refs[i % len(refs)] for i in range(len(texts))], texts).cer
+
+
+def measure_transcribe(args, clips: list[Path], refs: list[str], env: dict) -> tuple[dict, list[str]]:
     """`asr-lora transcribe` on the clips: the command end to end, and its decode loop alone."""
     import io
 
@@ -145,7 +154,8 @@ def measure_transcribe(args, clips: list[Path], env: dict) -> tuple[dict, list[s
     t0 = time.perf_counter()
     transcribe_items(transcriber, items, Writer("txt", None, "ko", io.StringIO()), progress=False)
     loop_seconds = time.perf_counter() - t0
-    return {"command_seconds": command_seconds, "loop_seconds": loop_seconds, "requests": args.requests}, texts
+    return {"command_seconds": command_seconds, "loop_seconds": loop_seconds, "requests": args.requests,
+            "cer": cer(texts, refs)}, texts
 
 
 def markdown(results: dict) -> str:
@@ -159,19 +169,19 @@ def markdown(results: dict) -> str:
         "client and server on 127.0.0.1. Batching on: up to 8 pieces per batch, 10 ms wait; off: "
         "`--no-batching`.",
         "",
-        "| mode | clients | requests/s | vs off | p50 latency | p95 latency | batches | transcripts equal to `transcribe`'s |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| mode | clients | requests/s | vs off | p50 latency | p95 latency | batches | CER | transcripts equal to `transcribe`'s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     off = {r["concurrency"]: r["requests_per_second"] for r in results["server"] if r["mode"] == "batching off"}
     for r in sorted(results["server"], key=lambda r: (r["concurrency"], r["mode"] != "batching on")):
         ratio = r["requests_per_second"] / off[r["concurrency"]] if r["concurrency"] in off else float("nan")
         lines.append(f"| {r['mode']} | {r['concurrency']} | {r['requests_per_second']:.2f} | {ratio:.2f}x | "
-                     f"{r['p50_seconds']:.2f} s | {r['p95_seconds']:.2f} s | {r['batches']} | "
+                     f"{r['p50_seconds']:.2f} s | {r['p95_seconds']:.2f} s | {r['batches']} | {r['cer']:.4f} | "
                      f"{r['same_as_transcribe']}/{r['requests']} |")
     lines += ["", f"`asr-lora transcribe` on the same {n} clips (batch 8): {n / tx['command_seconds']:.2f} clips/s "
               f"as a command ({tx['command_seconds']:.1f} s with process start and model load), "
               f"{n / tx['loop_seconds']:.2f} clips/s for its decode loop alone ({tx['loop_seconds']:.1f} s, model "
-              "loaded).", "", "Numbers from one run."]
+              f"loaded); CER {tx['cer']:.4f}.", "", "Numbers from one run."]
     return "\n".join(lines)
 
 
@@ -209,13 +219,16 @@ def main(argv: list[str] | None = None) -> int:
                "n_clips": len(clips), "mean_clip_seconds": float(np.mean([r["duration"] for r in rows])),
                "max_new_tokens": args.max_new_tokens, "load_before": os.getloadavg()[0], "server": []}
     print("# asr-lora transcribe", file=sys.stderr, flush=True)
-    results["transcribe"], reference = measure_transcribe(args, clips, env)
+    refs = [r["text"] for r in rows]
+    results["transcribe"], reference = measure_transcribe(args, clips, refs, env)
     for mode in MODES:
-        results["server"] += measure_server(mode, args, clips, env, work, reference)
+        results["server"] += measure_server(mode, args, clips, env, work, reference, refs)
     results["load_after"] = os.getloadavg()[0]
     print(json.dumps(results, indent=2))
     if args.write:
-        write_benchmarks_md(markdown(results), "serve", "Serving: `asr-lora serve`, batching on vs off")
+        what = "a LoRA adapter on the bundled base" if args.adapter else "the bundled base"
+        write_benchmarks_md(markdown(results), "serve-adapter" if args.adapter else "serve",
+                            f"Serving: `asr-lora serve` with {what}, batching on vs off")
     return 0
 
 

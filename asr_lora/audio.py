@@ -1,7 +1,8 @@
 """Audio in, Whisper log-mel features out.
 
 Loading returns float32 mono at 16 kHz (``load_audio``), whatever the container: soundfile for
-wav/flac/ogg/mp3, headerless 16-bit PCM for KsponSpeech ``.pcm``, librosa for the rest (m4a...).
+wav/flac/ogg/mp3, headerless 16-bit PCM for KsponSpeech ``.pcm``, PyAV for the rest (m4a/aac, webm,
+opus, and the first audio stream of mp4/mov/mkv video; its wheels bundle FFmpeg, no system ffmpeg).
 
 ``log_mel_spectrogram`` is a batched torch version (CPU or GPU) of transformers'
 ``WhisperFeatureExtractor``; with ``padding="max_length"`` it gives the extractor's numbers.
@@ -46,10 +47,12 @@ DYNAMIC_RANGE = 8.0  # log10 units kept below each example's maximum
 CPU_CHUNK_FRAMES = 3000  # frames per STFT call on CPU: one 30 s clip's worth stays in cache
 
 PCM_SAMPLE_RATE = 16000  # KsponSpeech .pcm: headerless 16 kHz, 16-bit signed LE, mono
-# What folder scans (transcribe, non-speech folders) pick up
+# What folder scans (transcribe, non-speech folders) pick up: soundfile's formats and, through PyAV,
+# audio containers and the first audio stream of a video
 AUDIO_SUFFIXES = frozenset({".wav", ".wave", ".flac", ".mp3", ".ogg", ".oga", ".opus", ".m4a", ".aac",
-                            ".wma", ".aif", ".aiff", ".pcm", ".webm", ".mp4"})
-SOUNDFILE_SUFFIXES = frozenset({".wav", ".wave", ".flac", ".ogg", ".oga", ".opus", ".aif", ".aiff"})
+                            ".wma", ".aif", ".aiff", ".pcm", ".webm", ".mp4",
+                            ".m4b", ".mka", ".amr", ".3gp", ".caf", ".ac3", ".mov", ".mkv", ".m4v", ".avi"})
+AV_SEEK_MARGIN = 1.0  # seconds decoded before ``offset`` after a PyAV seek: codecs with overlap settle
 
 Padding = Literal["longest", "max_length"]
 
@@ -107,15 +110,14 @@ def load_audio(
     if not path.is_file():
         raise AudioError(path, "not a regular file")
 
-    suffix = path.suffix.lower()
     try:
-        if suffix == ".pcm":
+        if path.suffix.lower() == ".pcm":
             audio, file_sr = _read_pcm(path, offset, end)
-        elif suffix in SOUNDFILE_SUFFIXES:
-            audio, file_sr = _read_soundfile(path, offset, end)
         else:
             audio, file_sr = _read_other(path, offset, end)
-    except Exception as e:  # soundfile/audioread raise many types; the caller needs the file name
+    except AudioError:
+        raise
+    except Exception as e:  # soundfile/PyAV raise many types; the caller needs the file name
         raise AudioError(path, f"cannot decode ({type(e).__name__}: {e})") from e
 
     if offset is None and end is None and (empty := zero_length_reason(audio.shape[0], file_sr)):
@@ -157,15 +159,22 @@ def audio_info(path: str | os.PathLike) -> tuple[float, int, int]:
         info = sf.info(str(path))
         return info.frames / info.samplerate, info.samplerate, info.channels
     except Exception as e:
-        if path.suffix.lower() in SOUNDFILE_SUFFIXES:
-            raise AudioError(path, f"cannot read header ({type(e).__name__}: {e})") from e
-    try:  # containers libsndfile does not know (m4a, aac...): ask audioread's backends
-        import audioread
+        soundfile_error = (getattr(e, "error_string", None) or str(e)).rstrip(".")
+    try:  # containers libsndfile does not know (m4a, aac, webm, mp4...): ask FFmpeg through PyAV
+        import av
 
-        with audioread.audio_open(str(path)) as f:
-            return float(f.duration), int(f.samplerate), int(f.channels)
+        with av.open(str(path)) as container:
+            stream = container.streams.audio[0]
+            if stream.duration is not None:
+                duration = float(stream.duration * stream.time_base)
+            elif container.duration is not None:
+                duration = container.duration / av.time_base
+            else:  # a corrupt file a lenient demuxer opened
+                raise ValueError("no duration in the header")
+            return duration, stream.codec_context.sample_rate, stream.codec_context.layout.nb_channels or 1
     except Exception as e:
-        raise AudioError(path, f"cannot read header ({type(e).__name__}: {e})") from e
+        reason = "no audio stream" if isinstance(e, IndexError) else getattr(e, "strerror", None) or str(e)
+        raise AudioError(path, f"cannot read header (libsndfile: {soundfile_error}; PyAV: {reason})") from e
 
 
 def _segment(offset: float | None, end: float | None, sr: int, n_total: int) -> tuple[int, int]:
@@ -191,18 +200,60 @@ def _read_soundfile(path: Path, offset: float | None, end: float | None) -> tupl
 
 
 def _read_other(path: Path, offset: float | None, end: float | None) -> tuple[np.ndarray, int]:
-    """mp3 and whatever else libsndfile can decode, else librosa (audioread: ffmpeg, gstreamer)."""
+    """libsndfile (wav, flac, ogg, mp3...), else PyAV (m4a, aac, webm, opus, mp4/mov/mkv video...);
+    when both fail the error gives both decoders' reasons."""
     try:
         return _read_soundfile(path, offset, end)
-    except sf.LibsndfileError:
-        pass
-    import librosa  # imported here: its first load costs seconds of imports
+    except sf.SoundFileError as e:
+        soundfile_error = (getattr(e, "error_string", None) or str(e)).rstrip(".")  # without the path
+    try:
+        return _read_av(path, offset, end)
+    except Exception as e:
+        reason = e.reason if isinstance(e, AudioError) else getattr(e, "strerror", None) or str(e)
+        raise AudioError(path, f"cannot decode (libsndfile: {soundfile_error}; PyAV: {reason})") from e
 
-    start = offset or 0.0
-    duration = None if end is None else end - start
-    audio, file_sr = librosa.load(path, sr=None, mono=False, offset=start, duration=duration)
-    audio = np.atleast_2d(audio).T  # (samples, channels)
-    return audio.astype(np.float32, copy=False), int(file_sr)
+
+def _read_av(path: Path, offset: float | None, end: float | None) -> tuple[np.ndarray, int]:
+    """The first audio stream of any container FFmpeg (PyAV's bundled build) reads, at its own rate.
+
+    Time 0 is the stream's first sample. Far offsets seek (to ``AV_SEEK_MARGIN`` before, so that
+    codecs whose frames overlap settle); each sample's position comes from the first frame's
+    timestamp after the seek, then by counting. Decoding stops at ``end``.
+    """
+    import av  # imported here: only media libsndfile cannot read need it
+
+    with av.open(str(path)) as container:
+        if not container.streams.audio:
+            kinds = ", ".join(s.type for s in container.streams) or "none"
+            raise AudioError(path, f"no audio stream (streams: {kinds})")
+        stream = container.streams.audio[0]
+        file_sr = stream.codec_context.sample_rate
+        t0 = float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
+        start = 0 if offset is None else round(offset * file_sr)
+        stop = None if end is None else round(end * file_sr)
+        pos, seek = 0, offset is not None and offset > AV_SEEK_MARGIN
+        if seek:
+            container.seek(int((t0 + offset - AV_SEEK_MARGIN) / stream.time_base), stream=stream, backward=True)
+            pos = None  # known from the first frame decoded after the seek
+        to_float = av.AudioResampler(format="fltp")  # sample format only: rate and layout kept
+        chunks, n_frames = [], 0
+        for n_frames, frame in enumerate(container.decode(stream), start=1):
+            if pos is None:
+                pos = round((frame.time - t0) * file_sr) if frame.time is not None else 0
+            for converted in to_float.resample(frame):
+                data = converted.to_ndarray()  # (channels, samples)
+                a, pos = pos, pos + data.shape[1]
+                lo, hi = max(a, start), pos if stop is None else min(pos, stop)
+                if hi > lo:
+                    chunks.append(data[:, lo - a : hi - a])
+            if stop is not None and pos >= stop:
+                break
+        if n_frames == 0 and not seek:  # a corrupt file a lenient demuxer opened, or an empty stream
+            raise AudioError(path, "no audio frames in the stream")
+        n_channels = stream.codec_context.layout.nb_channels or 1
+        if not chunks:
+            return np.zeros((0, n_channels), np.float32), file_sr
+        return np.ascontiguousarray(np.concatenate(chunks, axis=1).T, dtype=np.float32), file_sr
 
 
 # --- features -----------------------------------------------------------------------------------

@@ -197,6 +197,35 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import os
+
+    from .errors import UserError
+    from .serve import ModelSpec, ServerOptions, default_base_name, serve
+
+    def named(kind: str, value: str) -> ModelSpec:
+        name, sep, path = value.partition("=")
+        if kind == "model" and not sep:
+            return ModelSpec(default_base_name(value), kind, value)
+        if not sep or not name or not path:
+            raise UserError(f"--{kind} {value}: give NAME=DIR (the name clients send as 'model')")
+        return ModelSpec(name, kind, path)
+
+    specs = [named(kind, v) for kind in ("model", "adapter", "merged", "ct2") for v in getattr(args, kind) or []]
+    if not specs:
+        specs = [named("model", DEFAULT_MODEL)]
+    batch_size, wait = (1, 0.0) if args.no_batching else (args.batch_size, args.batch_wait_ms)
+    options = ServerOptions(api_key=args.api_key or os.environ.get("ASR_LORA_API_KEY") or None,
+                            max_upload_mb=args.max_upload_mb, max_audio_seconds=args.max_audio_seconds,
+                            batch_size=batch_size, batch_wait_ms=wait)
+    from .backends import DecodeOptions
+
+    decode = DecodeOptions(language=args.language, max_new_tokens=args.max_new_tokens)
+    serve(specs, host=args.host, port=args.port, options=options, decode=decode, split=args.split,
+          vad=not args.no_vad)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="asr-lora",
@@ -388,6 +417,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--worst", type=int, default=20, metavar="N",  # = report.WORST_N (not imported: --help stays fast)
                    help="worst dev utterances shown per run (default: %(default)s)")
     p.set_defaults(func=_cmd_report)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible transcription server: base, adapters (many on one base), "
+                       "merged and CTranslate2 models",
+                       description="Serve OpenAI's audio API (POST /v1/audio/transcriptions, GET /v1/models, GET "
+                       "/health) with FastAPI + uvicorn. Clients choose a model by the NAME given here; every "
+                       "--adapter on one base shares that base, loaded once (the base is served too). "
+                       "Concurrent requests for a model are decoded in batches. Errors use OpenAI's JSON shape. "
+                       "SIGTERM or Ctrl-C lets in-flight requests finish.")
+    p.add_argument("--model", action="append", metavar="[NAME=]MODEL",
+                   help=f"a base model name or folder, served as NAME (default: {DEFAULT_MODEL} as whisper-base "
+                   "when no model is given; a folder's name, bundled:X as X)")
+    p.add_argument("--adapter", action="append", metavar="NAME=DIR", help="a LoRA checkpoint folder (repeatable)")
+    p.add_argument("--merged", action="append", metavar="NAME=DIR", help="an 'asr-lora merge' folder (repeatable)")
+    p.add_argument("--ct2", action="append", metavar="NAME=DIR", help="an 'asr-lora export-ct2' folder (repeatable)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s, this machine "
+                   "only; 0.0.0.0 for every interface)")
+    p.add_argument("--port", type=int, default=8000, help="port (default: %(default)s)")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/* (default: "
+                   "$ASR_LORA_API_KEY; none: no key required)")
+    p.add_argument("--max-upload-mb", type=float, default=25.0, help="larger uploads get 413 (default: %(default)s)")
+    p.add_argument("--max-audio-seconds", type=float, default=3600.0,
+                   help="longer audio gets 413 (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=8,
+                   help="most pieces (up to 30 s each) decoded in one batch per model (default: %(default)s)")
+    p.add_argument("--batch-wait-ms", type=float, default=10.0,
+                   help="how long a batch waits for more pieces after its first (default: %(default)s)")
+    p.add_argument("--no-batching", action="store_true", help="decode every piece alone (--batch-size 1)")
+    p.add_argument("--language", default=None,
+                   help="forced language for every model (default: each checkpoint's, else ko; a request's "
+                   "'language' overrides it)")
+    p.add_argument("--max-new-tokens", type=int, default=TRANSCRIBE_MAX_NEW_TOKENS,
+                   help="generation cap per piece (default: %(default)s)")
+    p.add_argument("--no-vad", action="store_true",
+                   help="decode every piece, as 'asr-lora transcribe --no-vad' (default: cut uploads at Silero VAD "
+                   "speech boundaries and leave the rest undecoded)")
+    p.add_argument("--split", choices=["auto", "pauses", "windows"], default="auto",
+                   help="with --no-vad, how audio over 30 s is cut, as in 'asr-lora transcribe' (default: %(default)s)")
+    p.set_defaults(func=_cmd_serve)
     return parser
 
 

@@ -37,7 +37,7 @@ import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TextIO
+from typing import Callable, TextIO
 
 import numpy as np
 
@@ -308,6 +308,21 @@ def inaudible(piece: np.ndarray, sr: int = SAMPLE_RATE) -> str | None:
     if len(piece) < MIN_AUDIBLE * sr:
         return "too_short"
     return "silence" if float(np.abs(piece).max()) < SILENT_PEAK else None
+
+
+def transcribe_audio(audio: np.ndarray, decode: Callable[[list[np.ndarray]], list], split: str,
+                     vad: bool = True) -> list[dict]:
+    """Segments (``start``, ``end``, ``text``, and the decode signals or a ``skip_reason``) of one 16 kHz
+    waveform, cut as :func:`pieces` cuts it; ``decode`` (a transcriber's, or the server's batching
+    queue) gets the pieces to decode in one call and returns their :class:`~asr_lora.backends.Hypothesis`."""
+    cuts = pieces(audio, split, vad)
+    segments = [{"start": round(a / SAMPLE_RATE, 3), "end": round(b / SAMPLE_RATE, 3), "text": "",
+                 **({"skip_reason": reason} if reason else {})} for a, b, reason in cuts]
+    todo = [k for k, (_, _, reason) in enumerate(cuts) if reason is None]
+    hyps = decode([audio[cuts[k][0]:cuts[k][1]] for k in todo]) if todo else []
+    for k, hyp in zip(todo, hyps):
+        segments[k].update(text=hyp.text, **hyp.to_json())
+    return segments
 
 
 def _load(item: Item, failures: list[Failure]) -> np.ndarray | None:

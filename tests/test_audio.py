@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import fractions
+import json
 import math
 import pickle
 from pathlib import Path
@@ -336,3 +338,159 @@ def test_a_few_samples_after_the_header_are_zero_length_but_one_millisecond_is_a
     with pytest.raises(AudioError, match="between 5 s and the end") as err:
         load_audio(ASSETS / "ko_greeting.flac", offset=5.0)
     assert not isinstance(err.value, ZeroLengthAudio)
+
+
+# --- media containers through PyAV (m4a, webm, mp4/mov/mkv video...) ----------------------------
+
+
+def encode_media(audio: np.ndarray, path: Path, codec: str, rate: int = SAMPLE_RATE, video: str | None = None,
+                 sr: int = SAMPLE_RATE) -> Path:
+    """Write ``audio`` (float32 at ``sr``: mono, or (channels, samples) for stereo) with PyAV: ``codec``
+    at ``rate`` Hz in the container named by the suffix, plus a small ``video`` stream (e.g. "libx264")
+    before the audio one if given."""
+    import av
+
+    layout = "stereo" if audio.ndim == 2 else "mono"
+    with av.open(str(path), "w") as out:
+        vstream = out.add_stream(video, rate=10) if video else None
+        astream = out.add_stream(codec, rate=rate)
+        astream.layout = layout
+        if vstream is not None:
+            vstream.width, vstream.height, vstream.pix_fmt = 64, 48, "yuv420p"
+            for i in range(int(len(audio) / sr * 10) + 1):
+                image = np.full((48, 64, 3), i * 7 % 256, np.uint8)
+                out.mux(vstream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
+            out.mux(vstream.encode())
+        interleaved = (np.atleast_2d(audio).T.reshape(1, -1) * 32767).astype(np.int16)  # packed s16
+        frame = av.AudioFrame.from_ndarray(interleaved, format="s16", layout=layout)
+        frame.sample_rate, frame.pts, frame.time_base = sr, 0, fractions.Fraction(1, sr)
+        resampler = av.AudioResampler(format=astream.format.name, layout=layout, rate=rate)
+        for converted in resampler.resample(frame) + resampler.resample(None):
+            out.mux(astream.encode(converted))
+        out.mux(astream.encode())
+    return path
+
+
+MEDIA = {  # name: (codec, rate, video codec)
+    "clip.m4a": ("aac", 16000, None),
+    "clip.webm": ("libopus", 48000, None),
+    "clip.ogg": ("libopus", 48000, None),
+    "clip.mp4": ("aac", 44100, "libx264"),
+    "clip.mov": ("aac", 16000, "mpeg4"),
+    "clip.mkv": ("libopus", 48000, "mpeg4"),
+}
+
+
+def best_correlation(a: np.ndarray, b: np.ndarray, max_lag: int = 2400) -> float:
+    """Highest normalised correlation of two waveforms over lags up to ``max_lag`` samples (codec delay)."""
+    n = min(len(a), len(b)) - max_lag
+    ref = a[max_lag : max_lag + n - max_lag]
+    best = 0.0
+    for lag in range(0, 2 * max_lag, 8):
+        seg = b[lag : lag + len(ref)]
+        best = max(best, float(np.dot(ref, seg) / (np.linalg.norm(ref) * np.linalg.norm(seg) + 1e-12)))
+    return best
+
+
+@pytest.mark.parametrize("name", list(MEDIA))
+def test_media_containers_decode_to_the_source(tmp_path, name):
+    """libsndfile reads none of these but ogg/opus; PyAV decodes the first audio stream, resampled to 16 kHz mono."""
+    source = load_audio(ASSETS / "ko_finetune.flac")
+    codec, rate, video = MEDIA[name]
+    path = encode_media(source, tmp_path / name, codec, rate, video)
+    if name != "clip.ogg":
+        with pytest.raises(sf.LibsndfileError):
+            sf.info(str(path))
+    audio = load_audio(path)
+    assert audio.dtype == np.float32 and audio.ndim == 1
+    assert abs(len(audio) - len(source)) < 0.15 * SAMPLE_RATE  # codec priming and padding
+    assert best_correlation(source, audio) > 0.9
+    duration, sr, channels = audio_info(path)
+    assert (sr, channels) == (rate, 1) and duration == pytest.approx(len(audio) / SAMPLE_RATE, abs=0.15)
+
+
+def test_stereo_44k_m4a_downmixes_and_resamples(tmp_path):
+    source = load_audio(ASSETS / "ko_finetune.flac")
+    stereo = np.stack([source, 0.5 * source])  # the right channel is the left at half volume
+    path = encode_media(stereo, tmp_path / "stereo.m4a", "aac", rate=44100)
+    assert audio_info(path)[1:] == (44100, 2)
+    audio = load_audio(path)
+    assert best_correlation(source, audio) > 0.9
+    assert np.sqrt(np.mean(audio**2)) == pytest.approx(0.75 * np.sqrt(np.mean(source**2)), rel=0.1)
+
+
+def long_clip() -> np.ndarray:
+    """12.7 s of speech: four asset clips end to end."""
+    clips = [load_audio(ASSETS / n) for n in ("ko_finetune.flac", "en_fox.flac", "ko_finetune.flac", "en_fox.flac")]
+    return np.concatenate(clips)
+
+
+@pytest.mark.parametrize("name, tick", [("clip.webm", 16), ("clip.m4a", 0)])
+def test_media_offset_end_select_the_same_samples(tmp_path, name, tick):
+    """offset/end on a PyAV-decoded file give the samples of the whole decode: near offsets by decoding
+    from the start (exact), far ones by seeking, exact to the container's timestamp resolution
+    (``tick`` samples at 16 kHz: mp4 counts samples, webm milliseconds)."""
+    codec, rate, video = MEDIA[name]
+    path = encode_media(long_clip(), tmp_path / name, codec, rate, video)
+    full = load_audio(path)
+    for offset, end in [(0.5, 1.5), (5.0, 7.25), (9.0, None), (None, 2.0)]:
+        segment = load_audio(path, offset=offset, end=end)
+        a = round((offset or 0) * SAMPLE_RATE)
+        b = len(full) if end is None else round(end * SAMPLE_RATE)
+        assert abs(len(segment) - (b - a)) <= tick + 1
+        n, edge = min(len(segment), b - a), 240  # resampling a segment alone differs near its ends
+
+        def error(lag: int) -> np.ndarray:
+            return segment[edge : n - edge] - full[a + edge + lag : a + n - edge + lag]
+
+        lag = min(range(-32, 33), key=lambda k: float(np.mean(error(k) ** 2)))
+        assert abs(lag) <= (tick if offset and offset > 1.0 else 0)
+        if name == "clip.webm":  # opus decodes the same samples after a seek
+            assert np.abs(error(lag)).max() < 1e-4
+        else:  # AAC's noise substitution draws from a generator whose state is the decode history
+            assert np.sqrt(np.mean(error(lag) ** 2)) < 0.1 * np.sqrt(np.mean(full[a : a + n] ** 2))
+
+
+def test_video_without_audio_and_garbage_media_name_the_file_and_reason(tmp_path):
+    import av
+
+    silent_video = tmp_path / "screen.mp4"
+    with av.open(str(silent_video), "w") as out:
+        stream = out.add_stream("mpeg4", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        for _ in range(5):
+            out.mux(stream.encode(av.VideoFrame.from_ndarray(np.zeros((48, 64, 3), np.uint8), format="rgb24")))
+        out.mux(stream.encode())
+    with pytest.raises(AudioError, match=r"screen.mp4: cannot decode \(libsndfile: .*PyAV: no audio stream \(streams: video\)"):
+        load_audio(silent_video)
+    with pytest.raises(AudioError, match=r"screen.mp4: cannot read header .*no audio stream"):
+        audio_info(silent_video)
+    garbage = tmp_path / "voice.m4a"
+    garbage.write_bytes(bytes(range(256)) * 16)
+    with pytest.raises(AudioError, match=r"voice.m4a: cannot decode \(libsndfile: .*; PyAV: Invalid data found") as err:
+        load_audio(garbage)
+    assert str(garbage) not in err.value.reason  # the file is named once, in front
+    truncated = tmp_path / "cut.webm"
+    encoded = encode_media(long_clip(), tmp_path / "whole.webm", "libopus", 48000).read_bytes()
+    truncated.write_bytes(encoded[:200])
+    with pytest.raises(AudioError, match="cut.webm"):
+        load_audio(truncated)
+
+
+def test_transcribe_reads_m4a_mp4_webm_files_and_folders(tiny_whisper, tmp_path, capsys):
+    from asr_lora.transcribe import transcribe_paths
+
+    source = load_audio(ASSETS / "ko_finetune.flac")
+    folder = tmp_path / "recordings" / "day1"
+    folder.mkdir(parents=True)
+    for name in ("clip.m4a", "clip.mp4", "clip.webm", "clip.mov", "clip.mkv"):
+        codec, rate, video = MEDIA[name]
+        encode_media(source, folder / name, codec, rate, video)
+    single = encode_media(source, tmp_path / "phone.m4a", "aac")
+    failures = transcribe_paths([str(tmp_path / "recordings"), str(single)], model=str(tiny_whisper),
+                                fmt="json", max_new_tokens=4, progress=False)
+    assert failures == []
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert sorted(Path(r["path"]).name for r in rows) == sorted(["clip.m4a", "clip.mkv", "clip.mov", "clip.mp4",
+                                                                "clip.webm", "phone.m4a"])
+    assert all(r["duration"] == pytest.approx(len(source) / SAMPLE_RATE, abs=0.15) for r in rows)

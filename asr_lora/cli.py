@@ -218,9 +218,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     options = ServerOptions(api_key=args.api_key or os.environ.get("ASR_LORA_API_KEY") or None,
                             max_upload_mb=args.max_upload_mb, max_audio_seconds=args.max_audio_seconds,
                             batch_size=batch_size, batch_wait_ms=wait)
-    from .backends import DecodeOptions
+    from .backends import FALLBACK_TEMPERATURES, DecodeOptions
 
-    decode = DecodeOptions(language=args.language, max_new_tokens=args.max_new_tokens)
+    decode = DecodeOptions(language=args.language, max_new_tokens=args.max_new_tokens,
+                           temperatures=(0.0,) if args.no_fallback else FALLBACK_TEMPERATURES)
     serve(specs, host=args.host, port=args.port, options=options, decode=decode, split=args.split,
           vad=not args.no_vad)
     return 0
@@ -454,6 +455,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "speech boundaries and leave the rest undecoded)")
     p.add_argument("--split", choices=["auto", "pauses", "windows"], default="auto",
                    help="with --no-vad, how audio over 30 s is cut, as in 'asr-lora transcribe' (default: %(default)s)")
+    p.add_argument("--no-fallback", action="store_true",
+                   help="decode once, greedily (default: unsure or looping pieces are decoded again at higher "
+                   "temperatures, as in 'asr-lora transcribe')")
     p.set_defaults(func=_cmd_serve)
     return parser
 

@@ -133,7 +133,7 @@ def server(tiny_whisper, adapters, shipped, tmp_path_factory):
     srv = Server(["--model", f"tiny={tiny_whisper}", "--adapter", f"A={adapters['A']}", "--adapter",
                   f"B={adapters['B']}", "--merged", f"Bm={shipped['Bm']}", "--ct2", f"Bc={shipped['Bc']}",
                   "--api-key", API_KEY, "--max-upload-mb", "2", "--max-audio-seconds", "60",
-                  "--max-new-tokens", str(MAX_NEW_TOKENS), "--batch-wait-ms", "50"], tmp)
+                  "--max-new-tokens", str(MAX_NEW_TOKENS), "--batch-wait-ms", "50", "--no-vad", "--no-fallback"], tmp)
     yield srv
     srv.stop()
 
@@ -141,13 +141,20 @@ def server(tiny_whisper, adapters, shipped, tmp_path_factory):
 @pytest.fixture(scope="module")
 def reference(tiny_whisper, adapters, shipped):
     """Each model loaded alone, as `asr-lora transcribe` loads it: model name -> transcriber."""
-    from asr_lora.backends import load_transcriber
+    from asr_lora.sources import ModelSource, load_transcriber
 
-    return {"tiny": load_transcriber(model=str(tiny_whisper), max_new_tokens=MAX_NEW_TOKENS),
-            **{name: load_transcriber(adapter=str(path), max_new_tokens=MAX_NEW_TOKENS)
-               for name, path in adapters.items()},
-            "Bm": load_transcriber(merged=str(shipped["Bm"]), max_new_tokens=MAX_NEW_TOKENS),
-            "Bc": load_transcriber(ct2=str(shipped["Bc"]), max_new_tokens=MAX_NEW_TOKENS)}
+    def load(kind, path):
+        return load_transcriber(ModelSource(kind, str(path)), greedy())
+
+    return {"tiny": load("model", tiny_whisper), **{name: load("adapter", path) for name, path in adapters.items()},
+            "Bm": load("merged", shipped["Bm"]), "Bc": load("ct2", shipped["Bc"])}
+
+
+def greedy(**kwargs):
+    """How the test servers decode (--no-fallback): greedily once, so batched and alone agree."""
+    from asr_lora.backends import DecodeOptions
+
+    return DecodeOptions(max_new_tokens=MAX_NEW_TOKENS, temperatures=(0.0,), **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -243,8 +250,10 @@ def test_every_response_format(server, adapters, long_flac, capsys):
     for a, b in zip(segments[:-1], segments[1:]):
         assert a["end"] == b["start"]
     # the pieces and their texts are those of `asr-lora transcribe` with the same adapter
-    transcribe_paths([str(long_flac)], adapter=str(adapters["B"]), fmt="json", max_new_tokens=MAX_NEW_TOKENS,
-                     progress=False)
+    from asr_lora.sources import ModelSource
+
+    transcribe_paths([str(long_flac)], ModelSource("adapter", str(adapters["B"])), greedy(), fmt="json",
+                     progress=False, vad=False)
     offline = json.loads(capsys.readouterr().out)
     assert [(s["start"], s["end"], s["text"]) for s in segments] == \
         [(s["start"], s["end"], s["text"]) for s in offline["segments"] if s["text"]]
@@ -279,14 +288,14 @@ def test_m4a_and_webm_uploads(server, reference, tmp_path):
 
 
 def test_request_language_is_forced(server, clips, tiny_whisper, shipped):
-    from asr_lora.backends import load_transcriber
+    from asr_lora.sources import ModelSource, load_transcriber
 
     client = server.client()
     audio = load_audio(clips["en_fox"])
-    for name, source in (("tiny", {"model": str(tiny_whisper)}), ("Bc", {"ct2": str(shipped["Bc"])})):
+    for name, source in (("tiny", ModelSource("model", str(tiny_whisper))), ("Bc", ModelSource("ct2", str(shipped["Bc"])))):
         english = transcribe(client, name, clips["en_fox"], language="en", response_format="verbose_json")
         assert english.model_dump()["language"] == "english"
-        alone = load_transcriber(**source, language="en", max_new_tokens=MAX_NEW_TOKENS)
+        alone = load_transcriber(source, greedy(language="en"))
         assert english.text == alone.transcribe_batch([audio])[0]
         korean = transcribe(client, name, clips["en_fox"], language="korean")  # a name works too, and it resets
         assert korean.text == transcribe(client, name, clips["en_fox"]).text
@@ -381,7 +390,7 @@ def test_sigterm_lets_in_flight_requests_finish(tiny_whisper, clips, reference, 
     """A request waiting in a batch when SIGTERM arrives is answered; then the server exits, stops
     listening and removes its upload folder. The key comes from ASR_LORA_API_KEY here."""
     srv = Server(["--model", f"tiny={tiny_whisper}", "--max-new-tokens", str(MAX_NEW_TOKENS), "--batch-wait-ms",
-                  "2000"], tmp_path / "tmp", env={"ASR_LORA_API_KEY": "from-env"})
+                  "2000", "--no-vad", "--no-fallback"], tmp_path / "tmp", env={"ASR_LORA_API_KEY": "from-env"})
     try:
         assert httpx.get(f"{srv.url}/v1/models").status_code == 401
         result = {}

@@ -712,6 +712,9 @@ def serve(specs: list[ModelSpec], *, host: str = DEFAULT_HOST, port: int = DEFAU
                 if options.batch_size > 1 else "batching off")
     print(f"{batching}; API key {'required' if options.api_key else 'not required'}; "
           f"http://{host}:{port}{TRANSCRIPTIONS}", file=sys.stderr, flush=True)
+    if not options.api_key and host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: listening on {host} without an API key: anyone who reaches this port can use it "
+              f"(set --api-key or {API_KEY_ENV})", file=sys.stderr, flush=True)
     app = create_app(models, options)
     uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on")).run()
 

@@ -201,7 +201,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     import os
 
     from .errors import UserError
-    from .serve import ModelSpec, ServerOptions, default_base_name, serve
+    from .serve import API_KEY_ENV, ModelSpec, ServerOptions, default_base_name, serve
 
     def named(kind: str, value: str) -> ModelSpec:
         name, sep, path = value.partition("=")
@@ -215,7 +215,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     if not specs:
         specs = [named("model", DEFAULT_MODEL)]
     batch_size, wait = (1, 0.0) if args.no_batching else (args.batch_size, args.batch_wait_ms)
-    options = ServerOptions(api_key=args.api_key or os.environ.get("ASR_LORA_API_KEY") or None,
+    options = ServerOptions(api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
                             max_upload_mb=args.max_upload_mb, max_audio_seconds=args.max_audio_seconds,
                             batch_size=batch_size, batch_wait_ms=wait)
     from .backends import FALLBACK_TEMPERATURES, DecodeOptions

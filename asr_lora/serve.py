@@ -307,7 +307,7 @@ class Engine:
 
     def start(self, batch_size: int, batch_wait_ms: float) -> None:
         if self._thread is None:
-            self.batch_size, self.batch_wait = max(1, batch_size), max(0.0, batch_wait_ms) / 1000
+            self.batch_size, self.batch_wait = batch_size, batch_wait_ms / 1000
             self._thread = threading.Thread(target=self._run, name=f"decode-{self.name}", daemon=True)
             self._thread.start()
 
@@ -699,6 +699,8 @@ def serve(specs: list[ModelSpec], *, host: str = DEFAULT_HOST, port: int = DEFAU
     options = options or ServerOptions()
     if options.max_upload_mb <= 0 or options.max_audio_seconds <= 0:
         raise UserError("--max-upload-mb and --max-audio-seconds must be positive")
+    if options.batch_size < 1 or options.batch_wait_ms < 0:
+        raise UserError("--batch-size must be at least 1 and --batch-wait-ms at least 0")
     from .backends import DecodeOptions
 
     decode = decode or DecodeOptions()
@@ -714,6 +716,9 @@ def serve(specs: list[ModelSpec], *, host: str = DEFAULT_HOST, port: int = DEFAU
                 if options.batch_size > 1 else "batching off")
     print(f"{batching}; API key {'required' if options.api_key else 'not required'}; "
           f"http://{host}:{port}{TRANSCRIPTIONS}", file=sys.stderr, flush=True)
+    if not options.api_key and host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: listening on {host} without an API key: anyone who reaches this port can use it "
+              f"(set --api-key or {API_KEY_ENV})", file=sys.stderr, flush=True)
     app = create_app(models, options)
     uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on")).run()
 

@@ -10,7 +10,8 @@ The transcripts are checked against `asr-lora transcribe`'s for the same clips. 
 itself runs on the same clips twice: the command end to end (process start and model load included),
 and its decode loop alone in this process (the model already loaded, like a running server).
 
-    python benchmarks/bench_serve.py --requests 32 --concurrency 1 8 --write
+    python benchmarks/bench_serve.py --threads 1 --requests 32 --concurrency 1 8 --write
+    python benchmarks/bench_serve.py --adapter runs/demo/best --label "the demo adapter" --threads 1 --write
 """
 
 from __future__ import annotations
@@ -189,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="bundled:whisper-base", help="base model (default %(default)s)")
     parser.add_argument("--adapter", type=Path, default=None, help="serve this LoRA checkpoint instead of the base")
+    parser.add_argument("--label", default=None, help="how the table names the model (default: its path)")
     parser.add_argument("--data", type=Path, default=REPO / "data/demo/test.jsonl")
     parser.add_argument("--clips", type=int, default=16, help="distinct clips, sent round robin (default %(default)s)")
     parser.add_argument("--requests", type=int, default=32, help="requests per row (default %(default)s)")
@@ -215,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     clips = [args.data.parent / r["audio"] for r in rows]
     work = Path(tempfile.mkdtemp(prefix="asr-lora-bench-serve-"))
     results = {"date": time.strftime("%Y-%m-%d"), "device": device_name(), "threads": torch.get_num_threads(),
-               "model": f"LoRA {args.adapter} on {args.model}" if args.adapter else args.model,
+               "model": args.label or (f"LoRA {args.adapter} on {args.model}" if args.adapter else args.model),
                "n_clips": len(clips), "mean_clip_seconds": float(np.mean([r["duration"] for r in rows])),
                "max_new_tokens": args.max_new_tokens, "load_before": os.getloadavg()[0], "server": []}
     print("# asr-lora transcribe", file=sys.stderr, flush=True)

@@ -183,6 +183,25 @@ def error_of(excinfo) -> dict:
     return body["error"]
 
 
+# --------------------------------------------------------------------------- the command line
+
+
+def test_command_line_errors_are_one_line(tmp_path, capsys):
+    from asr_lora.cli import main
+
+    for argv, message in [
+        (["--adapter", str(tmp_path)], "give NAME=DIR"),
+        (["--adapter", f"A={tmp_path / 'nowhere'}"], "no such folder"),
+        (["--adapter", f"A={tmp_path}", "--ct2", f"A={tmp_path}"], "two models would be served as 'A'"),
+        (["--batch-size", "0"], "--batch-size must be at least 1"),
+        (["--max-upload-mb", "0"], "must be positive"),
+        (["--language", "klingon"], "--language: unsupported language 'klingon'"),
+    ]:
+        assert main(["serve", *argv]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("asr-lora serve: error: ") and message in err and err.count("\n") == 1
+
+
 # --------------------------------------------------------------------------- models
 
 

@@ -136,7 +136,7 @@ def measure_transcribe(args, clips: list[Path], refs: list[str], env: dict) -> t
     """`asr-lora transcribe` on the clips: the command end to end, and its decode loop alone."""
     import io
 
-    from asr_lora.backends import load_transcriber
+    from asr_lora.sources import load_transcriber
     from asr_lora.transcribe import Writer, expand_inputs, transcribe_items
 
     source = ["--adapter", str(args.adapter)] if args.adapter else ["--model", args.model]
@@ -148,8 +148,11 @@ def measure_transcribe(args, clips: list[Path], refs: list[str], env: dict) -> t
     command_seconds = time.perf_counter() - t0
     texts = [line.split("\t", 1)[1] if "\t" in line else "" for line in out.stdout.splitlines()]
 
-    kind = {"adapter": str(args.adapter)} if args.adapter else {"model": args.model}
-    transcriber = load_transcriber(**kind, max_new_tokens=args.max_new_tokens)
+    from asr_lora.backends import DecodeOptions
+    from asr_lora.sources import ModelSource
+
+    kind = ModelSource("adapter", str(args.adapter)) if args.adapter else ModelSource("model", args.model)
+    transcriber = load_transcriber(kind, DecodeOptions(max_new_tokens=args.max_new_tokens))
     items, _ = expand_inputs(paths)
     transcribe_items(transcriber, items[:2], Writer("txt", None, "ko", io.StringIO()), progress=False)  # warm-up
     t0 = time.perf_counter()

@@ -487,8 +487,11 @@ def test_transcribe_reads_m4a_mp4_webm_files_and_folders(tiny_whisper, tmp_path,
         codec, rate, video = MEDIA[name]
         encode_media(source, folder / name, codec, rate, video)
     single = encode_media(source, tmp_path / "phone.m4a", "aac")
-    failures = transcribe_paths([str(tmp_path / "recordings"), str(single)], model=str(tiny_whisper),
-                                fmt="json", max_new_tokens=4, progress=False)
+    from asr_lora.backends import DecodeOptions
+    from asr_lora.sources import ModelSource
+
+    failures = transcribe_paths([str(tmp_path / "recordings"), str(single)], ModelSource("model", str(tiny_whisper)),
+                                DecodeOptions(max_new_tokens=4), fmt="json", progress=False)
     assert failures == []
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert sorted(Path(r["path"]).name for r in rows) == sorted(["clip.m4a", "clip.mkv", "clip.mov", "clip.mp4",

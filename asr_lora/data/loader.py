@@ -92,7 +92,7 @@ def micro_batches(rows: Sequence[ManifestRow], collator, batches: Iterable[list[
     loader draws its worker seed from its own generator, never from the global RNG (whose state
     checkpoints save: dropout stays what it would be without background loading).
     """
-    if num_workers == 0:
+    if num_workers == 0 or n == 0:  # in the loop (and no workers for a run with nothing left to do)
         collate = _Collate(collator)
         return (collate([(i, rows[i]) for i in idx]) for idx in batches)
     collate = _Collate(cpu_features(collator))

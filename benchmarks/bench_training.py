@@ -489,8 +489,9 @@ def child(args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(42)
-    variant = (f"-{args.batch_seconds:g}s" if args.batch_seconds else "") + \
-        (f"-{args.num_workers}w" if args.num_workers is not None else "") + (f"-{args.quant}" if args.quant != "none" else "")
+    variant = ((f"-{args.batch_seconds:g}s" if args.batch_seconds else "")
+               + (f"-{args.num_workers}w" if args.num_workers is not None else "")
+               + (f"-{args.quant}" if args.quant != "none" else ""))
     out = Path(args.workdir) / f"{args.system}-{args.phase}{variant}"
     steps = args.steps
     if args.phase == "eval":
@@ -644,7 +645,11 @@ def scale_markdown(results: dict) -> str:
     lines.append(f"| standard (30 s features precomputed, `Seq2SeqTrainer`) | {results['batch_size']} clips | "
                  f"`datasets.map` before training ({r['precompute_seconds']:.0f} s) | {base:.2f} | 1.0x | "
                  f"{r['step_seconds']:.2f} | - | {30 * results['batch_size']} s | {r['peak_memory_mb'] / 1024:.1f} GB |")
-    overlap = lambda b: 1 - sc[f"{b}-background"]["data_wait_seconds"] / max(sc[f"{b}-loop"]["data_wait_seconds"], 1e-9)  # noqa: E731
+
+    def overlap(batching: str) -> float:
+        loop, background = sc[f"{batching}-loop"], sc[f"{batching}-background"]
+        return 1 - background["data_wait_seconds"] / max(loop["data_wait_seconds"], 1e-9)
+
     loads = ", ".join(f"{r['load_average']:.1f}" for r in sc.values())
     lines += ["", f"Throughput over {results['throughput_steps']} optimizer steps after one warm-up step (the standard "
               f"recipe: {results.get('scale_standard_steps', results['throughput_steps'])}; its clips are all 30 s of "
@@ -743,7 +748,8 @@ def gpu_markdown(check: dict) -> str:
         wait = f"{1000 * r['data_wait_seconds']:.0f} ms" if "data_wait_seconds" in r else "-"
         lines.append(f"| {label} | {system} | {loading} | {r['utt_per_s']:.2f} | {ratio} | "
                      f"{r['peak_memory_mb'] / 1024:.1f} GB | {wait} |")
-    bg, loop = rows.get(gpu_key("none", "asr-lora-trimmed", None), {}), rows.get(gpu_key("none", "asr-lora-trimmed", 0), {})
+    bg = rows.get(gpu_key("none", "asr-lora-trimmed", None), {})
+    loop = rows.get(gpu_key("none", "asr-lora-trimmed", 0), {})
     if bg.get("workers") and "data_wait_seconds" in loop:
         hidden = 1 - bg["data_wait_seconds"] / max(loop["data_wait_seconds"], 1e-9)
         lines += ["", f"Loader overlap (bf16, trimmed): background workers hide {100 * hidden:.0f}% of the loading "
@@ -793,6 +799,8 @@ def gpu_check(args) -> int:
             continue
         args.quant = quant
         try:
+            # a dry run on CPU would load in the loop by default: give it a worker, to run that path too
+            workers = 1 if dry and workers is None and system != "standard" else workers
             check["rows"][key] = spawn(system, "throughput", steps + 1, args, timeout=budget, num_workers=workers)
         except subprocess.TimeoutExpired:
             check["rows"][key] = {"error": "out of time"}
@@ -842,7 +850,8 @@ def end_to_end(args, e2e: dict, left) -> None:
             continue
         seconds = time.perf_counter() - t0
         if proc.returncode != 0:
-            e2e[stage] = {"error": f"failed (exit {proc.returncode}): {proc.stderr.strip().splitlines()[-1][:120] if proc.stderr.strip() else ''}"}
+            last = proc.stderr.strip().splitlines()[-1][:120] if proc.stderr.strip() else ""
+            e2e[stage] = {"error": f"failed (exit {proc.returncode}): {last}"}
             continue
         e2e[stage] = {"seconds": seconds, "what": what, "result": e2e_result(stage, work, run)}
         print(f"# e2e {stage}: {e2e[stage]}", file=sys.stderr, flush=True)

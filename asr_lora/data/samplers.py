@@ -23,7 +23,7 @@ from typing import Iterator, Sequence
 from .manifest import ManifestRow, length_hint
 
 FULL_CONTEXT_SECONDS = 30.0  # what a clip costs the encoder in the 30 s (full) audio context
-N_BUCKETS = 30  # length buckets of duration_batches (lhotse's DynamicBucketingSampler default)
+N_BUCKETS = 30  # length buckets of duration_batches (icefall's --num-buckets default for lhotse's sampler)
 MIN_CLIP_SECONDS = 1.0  # a clip costs at least this much (labels and per-clip work do not shrink with it)
 
 
@@ -56,9 +56,9 @@ def duration_batches(durations: list[float], max_seconds: float, seed: int, epoc
 
     The cost of a batch is what the encoder sees: its clip count times its longest clip
     (:func:`padded_seconds`), each clip counted as at least ``floor_seconds`` (30 in the full audio
-    context, where every clip is padded to 30 s). Rows are sorted by duration into ``n_buckets`` buckets of equal row count; each bucket
-    is shuffled and cut into batches greedily up to the budget, and the rows that do not fill a last
-    batch move on to the next (longer) bucket, so at most one batch per epoch is under-full. A clip
+    context, where every clip is padded to 30 s). Rows are sorted by duration into ``n_buckets``
+    buckets of equal row count; each bucket is shuffled and cut into batches greedily up to the
+    budget, and the rows that do not fill a last batch move on to the next (longer) bucket. A clip
     longer than the budget forms a batch alone. The batches are then shuffled. Deterministic in
     (seed, epoch); every row appears exactly once.
     """

@@ -125,10 +125,12 @@ def main() -> None:
     clips = [load_audio(r.audio, offset=r.offset, end=r.end) for r in rows]
     speech, _ = read_rows(args.speech)
     fallback = not args.no_fallback
-    results = [measure_hf("base (untuned)", ModelSource("model", args.base), clips, speech, fallback)]
-    for spec in args.adapter:
-        name, folder = spec.split("=", 1)
-        results.append(measure_hf(name, ModelSource("adapter", folder), clips, speech, fallback))
+    sources = [("base (untuned)", ModelSource("model", args.base))]
+    sources += [(spec.split("=", 1)[0], ModelSource("adapter", spec.split("=", 1)[1])) for spec in args.adapter]
+    results = []
+    for name, source in sources:  # each row as soon as it is measured: a long run keeps what it has
+        results.append(measure_hf(name, source, clips, speech, fallback))
+        print(json.dumps(results[-1]), file=sys.stderr, flush=True)
     fw = {}
     for spec in args.ct2:
         name, folder = spec.split("=", 1)

@@ -165,6 +165,38 @@ def _hypothesis(text: str, avg_lp: float | None, no_speech_p: float | None, temp
     return Hypothesis(text, no_speech_p, avg_lp, compression_ratio(text) if text else 0.0, temperature)
 
 
+class SuppressTokens:
+    """Whisper's token suppression as one logits processor with precomputed masks: ``suppress`` at
+    every step, ``begin_suppress`` at the first generated position (``set_begin_index``, called by
+    Whisper's generate). Same effect as transformers' ``SuppressTokensLogitsProcessor`` and
+    ``SuppressTokensAtBeginLogitsProcessor``, without their per-step ``torch.isin`` over the vocabulary."""
+
+    def __init__(self, suppress: list[int], begin_suppress: list[int], begin_index: int = 0):
+        self.suppress, self.begin_suppress, self.begin_index = list(suppress), list(begin_suppress), begin_index
+        self._masks: dict = {}
+
+    def set_begin_index(self, begin_index: int) -> None:
+        self.begin_index = begin_index
+
+    def _mask(self, which: str, scores) -> "torch.Tensor":
+        import torch
+
+        tokens = getattr(self, which)
+        key = (which, scores.shape[-1], scores.device)
+        if key not in self._masks:
+            mask = torch.zeros(scores.shape[-1], dtype=torch.bool, device=scores.device)
+            mask[torch.tensor([t for t in tokens if 0 <= t < scores.shape[-1]], dtype=torch.long)] = True
+            self._masks[key] = mask
+        return self._masks[key]
+
+    def __call__(self, input_ids, scores):
+        if self.suppress:
+            scores = scores.masked_fill(self._mask("suppress", scores), -float("inf"))
+        if self.begin_suppress and input_ids.shape[-1] == self.begin_index:
+            scores = scores.masked_fill(self._mask("begin_suppress", scores), -float("inf"))
+        return scores
+
+
 class HFTranscriber(_Decoding):
     """A transformers Whisper (plain, merged, or base + LoRA adapter) already in its audio context."""
 
@@ -213,7 +245,18 @@ class HFTranscriber(_Decoding):
         with torch.no_grad():
             return self.model.generate(encoder_outputs=encoded, language=self.language, task=self.task,
                                        max_new_tokens=cap or self.options.max_new_tokens, use_cache=True,
-                                       return_dict_in_generate=True, output_scores=True, **sampling)
+                                       return_dict_in_generate=True, output_scores=True,
+                                       **self._suppression(), **sampling)
+
+    def _suppression(self) -> dict:
+        """generate() arguments that apply the generation config's suppressed tokens from masks made once
+        (:class:`SuppressTokens`) instead of transformers' processors, which rebuild a vocabulary-sized
+        mask with ``torch.isin`` at every decoding step (a third of a dev pass on CPU: BENCHMARKS.md)."""
+        if not hasattr(self, "_suppress"):
+            config = self.whisper.generation_config
+            self._suppress = SuppressTokens(config.suppress_tokens or [], config.begin_suppress_tokens or [])
+        # empty lists, not None: None would be filled in again from the model's generation config
+        return {"suppress_tokens": [], "begin_suppress_tokens": [], "logits_processor": [self._suppress]}
 
     def generate_ids(self, audios: list[np.ndarray], encoded=None, cap: int | None = None):
         """Greedy output ids (batch, tokens) including the forced prompt tokens."""

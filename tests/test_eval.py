@@ -154,3 +154,50 @@ def test_evaluate_rows_batches_by_length_and_returns_rows_in_order(tiny_whisper,
     # without durations, text length orders the batches; segments use end - offset
     assert length_hint(make_row("a", "x", "가나다")) < length_hint(make_row("b", "x", "가나다라마바"))
     assert length_hint(make_row("c", "x", "x", offset=2.0, end=2.5, duration=60.0)) == 0.5
+
+
+def test_precomputed_suppression_equals_transformers_processors():
+    """The decode path's one processor (masks made once) suppresses exactly what transformers' two
+    Whisper processors suppress, at the first generated position and after it."""
+    import torch
+    from transformers.generation.logits_process import (
+        SuppressTokensAtBeginLogitsProcessor,
+        SuppressTokensLogitsProcessor,
+    )
+
+    from asr_lora.backends import SuppressTokens
+
+    suppress, begin = [1, 2, 7, 50, 99], [3, 99, 120]
+    ours = SuppressTokens(suppress, begin)
+    ours.set_begin_index(4)
+    theirs = [SuppressTokensLogitsProcessor(suppress), SuppressTokensAtBeginLogitsProcessor(begin, begin_index=4)]
+    scores = torch.randn(3, 128)
+    for length in (4, 5, 9):  # the first generated position, then later ones
+        ids = torch.zeros(3, length, dtype=torch.long)
+        expected = scores
+        for proc in theirs:
+            expected = proc(ids, expected)
+        got = ours(ids, scores)
+        assert torch.equal(torch.isinf(got), torch.isinf(expected))
+        assert torch.equal(got[~torch.isinf(got)], expected[~torch.isinf(expected)])
+    assert torch.isinf(ours(torch.zeros(3, 4, dtype=torch.long), scores)[:, 120]).all()
+    assert not torch.isinf(ours(torch.zeros(3, 5, dtype=torch.long), scores)[:, 120]).any()
+
+
+def test_decoding_with_precomputed_suppression_is_unchanged(bundled_base):
+    """The real base's generation config suppresses ~90 tokens: the hypotheses and their log-probs are
+    the same with transformers' processors and with the decode path's precomputed masks."""
+    from asr_lora.backends import DecodeOptions, HFTranscriber
+    from asr_lora.data.manifest import load_row_audio, read_rows
+    from asr_lora.sources import ModelSource, load_transcriber
+
+    rows, _ = read_rows(Path(__file__).resolve().parents[1] / "data" / "demo" / "dev.jsonl")
+    audios = [load_row_audio(r) for r in rows[:3]]
+    options = DecodeOptions(language="ko", task="transcribe", max_new_tokens=12, temperatures=(0.0,))
+    transcriber = load_transcriber(ModelSource("model", str(bundled_base)), options)
+    assert transcriber.whisper.generation_config.suppress_tokens  # the rule under test is in use
+    ours = transcriber.decode(audios)
+    transcriber._suppression = lambda: {}  # transformers' own processors
+    theirs = transcriber.decode(audios)
+    assert [h.text for h in ours] == [h.text for h in theirs]
+    assert [h.avg_logprob for h in ours] == pytest.approx([h.avg_logprob for h in theirs], abs=1e-5)

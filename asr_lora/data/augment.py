@@ -102,8 +102,7 @@ def _between(bounds: Sequence[float], u: float) -> float:
 def change_speed(audio: np.ndarray, factor: float) -> np.ndarray:
     """``audio`` played ``factor`` times faster (shorter, higher), by resampling; the factor is
     lowered when needed so that the clip stays within Whisper's 30 s window."""
-    factor = max(factor, len(audio) / N_SAMPLES)
-    rate = round(SAMPLE_RATE * factor)
+    rate = max(round(SAMPLE_RATE * factor), math.ceil(SAMPLE_RATE * len(audio) / N_SAMPLES))
     return audio if rate == SAMPLE_RATE else resample(audio, rate, SAMPLE_RATE)
 
 

@@ -152,12 +152,51 @@ class EvalConfig:
 
 
 @dataclass
+class AugmentConfig:
+    spec_time_prob: float = doc(0.0, "SpecAugment (transformers' Whisper masking, training only): share of each clip's "
+                                "real log-mel frames covered by time masks (mask_time_prob; 0: off)")
+    spec_time_length: int = doc(10, "frames (10 ms each) per time mask (mask_time_length)")
+    spec_feature_prob: float = doc(0.0, "SpecAugment: share of the mel bins covered by frequency masks "
+                                   "(mask_feature_prob; 0: off)")
+    spec_feature_length: int = doc(10, "mel bins per frequency mask (mask_feature_length)")
+    noise: str | None = doc(None, "noise clips mixed into speech (a folder of audio files or a JSONL manifest); "
+                            "None: data.nonspeech")
+    noise_prob: float = doc(0.0, "share of speech utterances that get a noise clip mixed in (0: off)")
+    snr_db: list[float] = doc([10.0, 30.0], "signal-to-noise ratio range [lo, hi] in dB, drawn uniformly per utterance")
+    speed_prob: float = doc(0.0, "share of utterances speed-perturbed by resampling (tempo and pitch, as Kaldi's "
+                            "speed perturbation; 0: off)")
+    speeds: list[float] = doc([0.9, 1.1], "speed factor range [lo, hi], drawn uniformly (1.1: 10% faster, shorter)")
+    gain_prob: float = doc(0.0, "share of utterances whose level is changed (0: off)")
+    gain_db: list[float] = doc([-6.0, 6.0], "gain range [lo, hi] in dB, drawn uniformly")
+
+    def __post_init__(self):
+        for name in ("spec_time_prob", "spec_feature_prob", "noise_prob", "speed_prob", "gain_prob"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"augment.{name} must be in 0..1, got {getattr(self, name)}")
+        for name in ("spec_time_length", "spec_feature_length"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"augment.{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("snr_db", "speeds", "gain_db"):
+            value = getattr(self, name)
+            if len(value) != 2 or value[0] > value[1]:
+                raise ConfigError(f"augment.{name} must be a range [lo, hi] with lo <= hi, got {value}")
+        if self.speeds[0] <= 0:
+            raise ConfigError(f"augment.speeds must be positive, got {self.speeds}")
+
+
+@dataclass
 class RecipeConfig:
     model: ModelConfig = doc(help="base model and quantisation", default_factory=ModelConfig)
     lora: LoraConfig = doc(help="LoRA adapter", default_factory=LoraConfig)
     data: DataConfig = doc(help="manifests and batching", default_factory=DataConfig)
     train: TrainConfig = doc(help="optimisation and checkpointing", default_factory=TrainConfig)
     eval: EvalConfig = doc(help="CER evaluation during training", default_factory=EvalConfig)
+    augment: AugmentConfig = doc(help="train-only augmentation, deterministic in (seed, epoch, row)",
+                                 default_factory=AugmentConfig)
+
+    def __post_init__(self):
+        if self.augment.noise_prob > 0 and not (self.augment.noise or self.data.nonspeech):
+            raise ConfigError("augment.noise_prob > 0 needs noise clips: augment.noise or data.nonspeech")
 
 
 # --------------------------------------------------------------------------- the mechanism

@@ -58,6 +58,7 @@ import torch
 import yaml
 
 from .config import ConfigError, RecipeConfig, to_dict
+from .data.augment import apply_spec_augment, host_rng_state, restore_host_rng_state, wave_augment
 from .data.loader import next_batches
 from .errors import TrainingError, UserError
 from .runfolder import TRAINER_STATE, RunFolder, latest_checkpoint, step_name
@@ -173,6 +174,7 @@ class Trainer:
         device_map = {"": acc.local_process_index} if cfg.model.quant != "none" and torch.cuda.is_available() else None
         model = build_training_model(cfg.model, cfg.lora, device_map=device_map)  # safetensors only, unless asked
         apply_audio_context(model, cfg.model.audio_context)
+        apply_spec_augment(model, cfg.augment)  # train mode only; eval/generation never mask
         self.settings = settings_from_recipe(cfg)
         self.eval_options = DecodeOptions(language=cfg.model.language, task=cfg.model.task,
                                           max_new_tokens=cfg.eval.max_new_tokens, num_beams=cfg.eval.num_beams,
@@ -180,7 +182,7 @@ class Trainer:
         padding, multiple = feature_padding(cfg.model.audio_context)
         self.collator = WhisperCollator(self.tokenizer, n_mels=model.config.num_mel_bins, padding=padding,
                                         pad_to_multiple_of=multiple, max_label_tokens=cfg.data.max_label_tokens,
-                                        language=cfg.model.language, task=cfg.model.task,
+                                        language=cfg.model.language, task=cfg.model.task, augment=wave_augment(cfg),
                                         # log-mel on the GPU, in the data path (never precomputed)
                                         feature_device=acc.device if acc.device.type == "cuda" else None)
         self.trainable, self.total_params = trainable_parameters(model)
@@ -287,8 +289,9 @@ class Trainer:
         acc = self.accelerator
         features = batch["input_features"].to(acc.device, non_blocking=True)  # pinned by the loader on a GPU
         labels = batch["labels"].to(acc.device, non_blocking=True)
+        mask = batch["attention_mask"].to(acc.device, non_blocking=True)  # each clip's real frames, for SpecAugment
         with acc.autocast():
-            out = self.model(input_features=features, labels=labels, use_cache=False)
+            out = self.model(input_features=features, attention_mask=mask, labels=labels, use_cache=False)
         loss_sum, _ = token_loss_sum(out.logits, labels)
         # sum_gradients adds up the processes' gradients: the result is sum / total tokens of the step
         acc.backward(loss_sum / max(total_tokens, 1))
@@ -332,7 +335,7 @@ class Trainer:
         cfg, acc, st = self.cfg.train, self.accelerator, self.state
         self.plan = BatchPlan.for_rows(self.train_rows, cfg, self.cfg.model.audio_context)
         workers, steps = resolve_num_workers(cfg.num_workers, acc.device), cfg.max_steps - st.step
-        order = self.plan.rank_batches(st.epoch, st.batch_in_epoch, cfg.grad_accum * acc.num_processes, steps,
+        order = self.plan.rank_epoch_batches(st.epoch, st.batch_in_epoch, cfg.grad_accum * acc.num_processes, steps,
                                        acc.process_index, acc.num_processes)
         self.log(f"{self.plan}; loaded {f'by {workers} worker processes each' if workers else 'in the loop'}")
         return micro_batches(self.train_rows, self.collator, order, steps * cfg.grad_accum, workers,
@@ -449,7 +452,7 @@ class Trainer:
         torch.save(self.optimizer.state_dict(), folder / "optimizer.pt")
         self._test_pause("checkpoint", self.state.step)  # test-only: a kill here leaves a half temporary
         torch.save(self.scheduler.state_dict(), folder / "scheduler.pt")
-        rng = {"torch": torch.get_rng_state()}
+        rng = {"torch": torch.get_rng_state(), **host_rng_state()}  # numpy's: SpecAugment's masks
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
         torch.save(rng, folder / "rng.pt")
@@ -576,6 +579,7 @@ def restore_checkpoint(path: Path, acc, model, optimizer, scheduler) -> TrainerS
         scheduler.load_state_dict(load_tensors(path / "scheduler.pt"))
         rng = load_tensors(path / "rng.pt")
         torch.set_rng_state(rng["torch"])
+        restore_host_rng_state(rng)
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
         scaler = getattr(acc, "scaler", None)

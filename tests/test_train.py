@@ -373,13 +373,20 @@ def test_nonspeech_clips_are_mixed_in_and_scored_as_a_share(tiny_whisper, small_
 # --------------------------------------------------------------------------- batches by duration, background loading
 
 
+AUGMENT = ["augment.spec_time_prob=0.2", "augment.spec_time_length=5", "augment.spec_feature_prob=0.1",
+           f"augment.noise={DEMO / 'nonspeech_train.jsonl'}", "augment.noise_prob=0.5", "augment.speed_prob=0.5",
+           "augment.gain_prob=0.5"]
+
+
+@pytest.mark.parametrize("augment", [[], AUGMENT], ids=["plain", "augmented"])
 def test_duration_batches_and_background_workers_resume_bit_identical(tiny_whisper, small_data, tmp_path,
-                                                                     monkeypatch):
+                                                                     monkeypatch, augment):
     """train.batch_seconds with 2 background workers: stopped after step 3 and resumed, the run has
     exactly (bit for bit) the losses and weights of a straight run that loads in the loop, across
-    an epoch boundary."""
+    an epoch boundary; also with SpecAugment (numpy's RNG saved and restored) and waveform
+    augmentation (seeded per row and epoch) on."""
     args = ["train.max_steps=6", "train.batch_seconds=8", "train.eval_every=6", "train.save_every=1",
-            "model.audio_context=trimmed"]
+            "model.audio_context=trimmed", *augment]
     straight = tmp_path / "straight"
     run_training(recipe(tiny_whisper, small_data, straight, *args, "train.num_workers=0"), progress=False)
     interrupted = tmp_path / "interrupted"

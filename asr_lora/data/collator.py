@@ -20,6 +20,7 @@ import torch
 from ..audio import AudioError, log_mel_spectrogram
 from ..nospeech import no_speech_target
 from ..trimmed import FRAME_MULTIPLE
+from .augment import frame_mask
 from .manifest import ManifestRow, load_row_audio
 
 IGNORE_INDEX = -100
@@ -44,6 +45,7 @@ class WhisperCollator:
     language: str = "ko"
     task: str = "transcribe"
     feature_device: str | torch.device | None = None
+    augment: Any = None  # a WaveAugment (data/augment.py): training audio changed per row and position
     _prefix: list[int] = field(init=False, repr=False)
 
     def __post_init__(self):
@@ -66,9 +68,10 @@ class WhisperCollator:
         an intended non-speech row."""
         return list(self._no_speech) if row.nonspeech else self.label_ids(row.text)
 
-    def __call__(self, rows: Sequence[ManifestRow]) -> dict:
+    def __call__(self, rows: Sequence[ManifestRow], positions: Sequence[tuple[int, int]] | None = None) -> dict:
+        """The batch of ``rows``; ``positions``: each row's (epoch, row index), which seeds ``augment``."""
         audios, labels, ids, skipped = [], [], [], []
-        for row in rows:
+        for k, row in enumerate(rows):
             label = self.row_label(row)
             if len(label) + 1 > self.max_label_tokens:  # +1: the start token the model prepends
                 skipped.append((row.id, f"label has {len(label) + 1} tokens, more than {self.max_label_tokens}"))
@@ -78,6 +81,8 @@ class WhisperCollator:
             except AudioError as e:
                 skipped.append((row.id, str(e)))
                 continue
+            if self.augment is not None:
+                audio = self.augment(audio, row, positions[k] if positions else None)
             audios.append(torch.as_tensor(audio, dtype=torch.float32))
             labels.append(label)
             ids.append(row.id)
@@ -91,6 +96,7 @@ class WhisperCollator:
         )
         batch["input_features"] = features
         batch["n_frames"] = n_frames
+        batch["attention_mask"] = frame_mask(n_frames, features.shape[-1])  # real frames: SpecAugment masks only these
         width = max(len(label) for label in labels)
         batch["labels"] = torch.tensor([label + [IGNORE_INDEX] * (width - len(label)) for label in labels])
         return batch

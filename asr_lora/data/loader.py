@@ -45,8 +45,16 @@ def cpu_features(collator):
     return dataclasses.replace(collator, feature_device=None)
 
 
+def _keys(batch: list[int] | tuple[int, list[int]]) -> list[tuple[int | None, int]]:
+    """A micro-batch as ``(epoch, row index)`` keys, from ``(epoch, [i, ...])`` or from ``[i, ...]``
+    (epoch unknown: None)."""
+    epoch, indices = batch if isinstance(batch, tuple) else (None, batch)
+    return [(epoch, i) for i in indices]
+
+
 class _Rows(torch.utils.data.Dataset):
-    """Row ``i`` as ``(i, row)``, so that a batch knows the rows it was made from."""
+    """Row ``i`` at key ``(epoch, i)`` as ``((epoch, i), row)``, so that a batch knows the rows it was
+    made from, and where in training."""
 
     def __init__(self, rows: Sequence[ManifestRow]):
         self.rows = rows
@@ -54,38 +62,42 @@ class _Rows(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.rows)
 
-    def __getitem__(self, i: int) -> tuple[int, ManifestRow]:
-        return i, self.rows[i]
+    def __getitem__(self, key: tuple[int | None, int]) -> tuple[tuple[int | None, int], ManifestRow]:
+        return key, self.rows[key[1]]
 
 
 class _Collate:
-    """The collator over ``(i, row)`` pairs; the batch gets ``indices`` (all rows asked for)."""
+    """The collator over ``((epoch, i), row)`` pairs; the batch gets ``indices`` (all rows asked for).
+    With the epoch known, the collator gets the rows' positions (which seed waveform augmentation)."""
 
     def __init__(self, collator):
         self.collator = collator
 
-    def __call__(self, items: list[tuple[int, ManifestRow]]) -> dict:
-        batch = self.collator([row for _, row in items])
-        batch["indices"] = [i for i, _ in items]
+    def __call__(self, items: list[tuple[tuple[int | None, int], ManifestRow]]) -> dict:
+        rows, keys = [row for _, row in items], [key for key, _ in items]
+        batch = self.collator(rows, keys) if keys and keys[0][0] is not None else self.collator(rows)
+        batch["indices"] = [i for (_, i), _ in items]
         return batch
 
 
 class _Planned(torch.utils.data.Sampler):
     """A batch sampler over a fixed, lazily produced sequence of micro-batches."""
 
-    def __init__(self, batches: Iterable[list[int]], n: int):
+    def __init__(self, batches: Iterable[list[int] | tuple[int, list[int]]], n: int):
         self.batches, self.n = batches, n
 
-    def __iter__(self) -> Iterator[list[int]]:
-        return iter(self.batches)
+    def __iter__(self) -> Iterator[list[tuple[int | None, int]]]:
+        return (_keys(b) for b in self.batches)
 
     def __len__(self) -> int:
         return self.n
 
 
-def micro_batches(rows: Sequence[ManifestRow], collator, batches: Iterable[list[int]], n: int,
-                  num_workers: int = 0, pin_memory: bool = False) -> Iterator[dict]:
-    """The collated micro-batches ``batches`` (``n`` of them, lists of row indices), in order.
+def micro_batches(rows: Sequence[ManifestRow], collator, batches: Iterable[list[int] | tuple[int, list[int]]],
+                  n: int, num_workers: int = 0, pin_memory: bool = False) -> Iterator[dict]:
+    """The collated micro-batches ``batches`` (``n`` of them, lists of row indices, or ``(epoch,
+    indices)`` pairs: then the collator gets each row's ``(epoch, index)``, the seed of its waveform
+    augmentation, the same in the loop and in any worker), in order.
 
     ``num_workers > 0``: made in that many worker processes, ``PREFETCH`` each ahead of the loop,
     pinned when ``pin_memory`` (GPU), log-mel on the CPU (:func:`cpu_features`). The
@@ -94,7 +106,7 @@ def micro_batches(rows: Sequence[ManifestRow], collator, batches: Iterable[list[
     """
     if num_workers == 0 or n == 0:  # in the loop (and no workers for a run with nothing left to do)
         collate = _Collate(collator)
-        return (collate([(i, rows[i]) for i in idx]) for idx in batches)
+        return (collate([(key, rows[key[1]]) for key in _keys(b)]) for b in batches)
     collate = _Collate(cpu_features(collator))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # forked workers; quiets the tokenizers warning
     loader = torch.utils.data.DataLoader(

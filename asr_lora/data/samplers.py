@@ -145,11 +145,16 @@ class BatchPlan:
     def take(self, epoch: int, index: int, n: int) -> tuple[list[list[int]], int, int]:
         """The ``n`` micro-batches from position ``(epoch, index)`` on, crossing epochs, and the
         position after them."""
-        out: list[list[int]] = []
+        out, epoch, index = self.take_with_epochs(epoch, index, n)
+        return [batch for _, batch in out], epoch, index
+
+    def take_with_epochs(self, epoch: int, index: int, n: int) -> tuple[list[tuple[int, list[int]]], int, int]:
+        """:meth:`take` with each micro-batch's epoch: ``[(epoch, batch), ...]`` and the position after."""
+        out: list[tuple[int, list[int]]] = []
         while len(out) < n:
             batches = self.epoch(epoch)
             chunk = batches[index:index + n - len(out)]
-            out.extend(chunk)
+            out.extend((epoch, batch) for batch in chunk)
             index += len(chunk)
             if index >= len(batches):
                 epoch, index = epoch + 1, 0
@@ -160,6 +165,11 @@ class BatchPlan:
         """Process ``rank``'s micro-batches for the next ``steps`` optimizer steps from ``(epoch,
         index)``, in the order the loop takes them: each step is the next ``per_step`` (grad_accum x
         world) micro-batches of the global order, of which ``rank`` gets those at ``rank::world``."""
+        return (batch for _, batch in self.rank_epoch_batches(epoch, index, per_step, steps, rank, world))
+
+    def rank_epoch_batches(self, epoch: int, index: int, per_step: int, steps: int, rank: int = 0,
+                           world: int = 1) -> Iterator[tuple[int, list[int]]]:
+        """:meth:`rank_batches` as ``(epoch, batch)`` pairs: the epoch seeds waveform augmentation."""
         for _ in range(steps):
-            batches, epoch, index = self.take(epoch, index, per_step)
+            batches, epoch, index = self.take_with_epochs(epoch, index, per_step)
             yield from batches[rank::world]

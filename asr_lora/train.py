@@ -596,24 +596,27 @@ def evaluate_guard(transcriber, rows: list, language: str, acc, cfg: EvalConfig)
 
 
 def limit_breaches(metrics: dict, cfg: TrainConfig) -> list[str]:
-    """The limits of ``train.select_best=cer_guarded`` that an evaluation does not meet, as text
-    (a limit on a metric that was not measured is not met)."""
+    """The limits of ``train.select_best=cer_guarded`` that an evaluation does not meet, as text. A
+    limit applies to what was measured: without data.nonspeech_dev (data.guard) there is no
+    nonspeech_share (guard_wer) and its limit does not apply."""
     out = []
     for key, limit in (("nonspeech_share", cfg.max_nonspeech_share), ("guard_wer", cfg.max_guard_wer)):
         value = metrics.get(key)
-        if limit is not None and (value is None or value > limit):
-            out.append(f"{key} {value:.4g} > {limit:g}" if value is not None else f"no {key}")
+        if limit is not None and value is not None and value > limit:
+            out.append(f"{key} {value:.4g} > {limit:g}")
     return out
 
 
 def is_better(metrics: dict, best: dict, cfg: TrainConfig) -> bool:
     """Whether the evaluation ``metrics`` makes a better checkpoint than ``best`` (the best one's
-    :data:`BEST_KEYS`) under ``train.select_best``.
+    :data:`BEST_KEYS`; empty: there is none yet) under ``train.select_best``.
 
     ``cer``: a lower dev CER. ``cer_guarded``: within ``train.max_nonspeech_share`` and
     ``train.max_guard_wer`` beats outside them; then a lower dev CER; at equal CER a lower non-speech
     share. So while no checkpoint is within the limits the lowest CER is best, and the first one
     within them replaces it whatever its CER."""
+    if not best:
+        return True
     if cfg.select_best == "cer":
         return metrics["cer"] < best["cer"]
 
@@ -627,7 +630,7 @@ def update_best(st: TrainerState, metrics: dict, cfg: TrainConfig) -> str | None
     """Make the evaluation ``metrics`` of step ``st.step`` the best checkpoint when :func:`is_better`,
     else count an evaluation without improvement (early stopping follows what best means). Returns
     a line to log when ``cer_guarded`` met an evaluation outside its limits, else None."""
-    best = st.best_metrics or {"cer": st.best_cer}  # a state written before best_metrics: CER only
+    best = st.best_metrics or ({"cer": st.best_cer} if st.best_step is not None else {})  # older states: CER
     better = is_better(metrics, best, cfg)
     if better:
         st.best_cer, st.best_step, st.evals_without_improvement = metrics["cer"], st.step, 0

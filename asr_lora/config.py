@@ -83,6 +83,10 @@ class DataConfig:
     nonspeech_rate: float = doc(0.0, "share of training utterances drawn from data.nonspeech (0 to 0.5)")
     nonspeech_dev: str | None = doc(None, "non-speech clips scored every eval: nonspeech_share, the share that gets "
                                     "any output (lower is better), in metrics.jsonl, the trackers and cer.png")
+    guard: str | None = doc(None, "forgetting guard: a manifest of a second language (e.g. English) decoded every eval "
+                            "with data.guard_language forced: guard_wer, guard_cer in metrics.jsonl, the trackers, "
+                            "cer.png and the report (keep it small: every eval decodes it too)")
+    guard_language: str = doc("en", "language token forced when decoding data.guard")
 
     def __post_init__(self):
         if not 0 < self.max_label_tokens <= 448:
@@ -116,7 +120,15 @@ class TrainConfig:
     eval_every: int = doc(100, "evaluate CER on dev every N optimizer steps")
     save_every: int = doc(100, "checkpoint every N optimizer steps")
     keep_last: int = doc(3, "checkpoints kept besides best/ and final/")
-    early_stopping_patience: int = doc(0, "stop after N evals without CER improvement (0: off)")
+    early_stopping_patience: int = doc(0, "stop after N evals without a new best checkpoint (see select_best; 0: off)")
+    select_best: Literal["cer", "cer_guarded"] = doc(
+        "cer", "which checkpoint is best/: cer: the lowest dev CER; cer_guarded: the lowest dev CER among the "
+        "checkpoints within train.max_nonspeech_share and train.max_guard_wer, ties to the lower non-speech share "
+        "(none within the limits yet: the lowest CER, logged)")
+    max_nonspeech_share: float | None = doc(None, "cer_guarded: highest nonspeech_share a best checkpoint may have "
+                                            "(None: no limit; applies only when data.nonspeech_dev is scored)")
+    max_guard_wer: float | None = doc(None, "cer_guarded: highest guard_wer a best checkpoint may have (None: no "
+                                      "limit; applies only when data.guard is scored)")
     max_bad_steps: int = doc(5, "stop after this many non-finite losses in a row")
     max_bad_rows: int = doc(100, "stop when more rows than this turn out unreadable during training")
     report_to: list[Literal["tensorboard", "wandb", "mlflow", "none"]] = doc(
@@ -134,6 +146,9 @@ class TrainConfig:
                               f"got {self.batch_seconds}")
         if self.num_workers is not None and self.num_workers < 0:
             raise ConfigError(f"train.num_workers must be 0 or more (or null: automatic), got {self.num_workers}")
+        for name in ("max_nonspeech_share", "max_guard_wer"):
+            if getattr(self, name) is not None and getattr(self, name) < 0:
+                raise ConfigError(f"train.{name} must be 0 or more (or null: no limit), got {getattr(self, name)}")
         for tracker in self.report_to:
             if tracker != "none" and importlib.util.find_spec(TRACKER_PACKAGES[tracker]) is None:
                 raise ConfigError(f"train.report_to={tracker} needs the {TRACKER_PACKAGES[tracker]!r} package "

@@ -32,7 +32,7 @@ def _score(source: ModelSource, rows, cfg) -> EvalResult:
 def run_demo(output_dir: str | None = None, overrides: list[str] = (), recipe: Path = DEMO_RECIPE) -> dict:
     overrides = list(overrides) + ([f"train.output_dir={output_dir}"] if output_dir else [])
     cfg = load_recipe(recipe, overrides)
-    for split in ("train", "dev", "test", "nonspeech", "nonspeech_dev"):  # the demo corpus ships with the repository
+    for split in ("train", "dev", "test", "nonspeech", "nonspeech_dev", "guard"):  # in the repository
         path = getattr(cfg.data, split)
         if path and not Path(path).is_absolute() and not Path(path).exists() and (REPO / path).exists():
             setattr(cfg.data, split, str(REPO / path))
@@ -58,17 +58,21 @@ def run_demo(output_dir: str | None = None, overrides: list[str] = (), recipe: P
         examples.append({"id": uid, "ref": ref, "hyp": hyp})
         print(f"      {uid}\n        ref: {ref}\n        hyp: {hyp}")
 
-    print("\ndev CER per checkpoint (non-sp: share of non-speech dev clips that got any output):")
-    print(f"  {'step':>6} {'CER':>7} {'CER-ns':>7} {'WER':>7} {'sWER':>7} {'loss':>7} {'non-sp':>7}")
+    print("\ndev CER per checkpoint (non-sp: share of non-speech dev clips that got any output; "
+          f"guard: WER on data.guard, {cfg.data.guard_language}):")
+    print(f"  {'step':>6} {'CER':>7} {'CER-ns':>7} {'WER':>7} {'sWER':>7} {'loss':>7} {'non-sp':>7} {'guard':>7}")
     for m in evals:
         share = f"{m['nonspeech_share']:>7.3f}" if m.get("nonspeech_share") is not None else f"{'':>7}"
+        guard = f"{m['guard_wer']:>7.4f}" if m.get("guard_wer") is not None else f"{'':>7}"
         step = "0 (base)" if m.get("zero_shot") else m["step"]
         print(f"  {step:>6} {m['cer']:>7.4f} {m['cer_nospace']:>7.4f} {m['wer']:>7.4f} {m['swer']:>7.4f} "
-              f"{m['eval_loss']:>7.4f} {share}")
+              f"{m['eval_loss']:>7.4f} {share} {guard}")
     minutes = (time.perf_counter() - t0) / 60
     summary = {"zero_shot_test_cer": base.report.cer, "best_step": trainer.state.best_step,
                "best_test_cer": tuned.report.cer, "best_test_cer_nospace": tuned.report.cer_nospace,
                "dev_cer_by_step": {m["step"]: m["cer"] for m in evals}, "examples": examples,
+               "guard_wer_by_step": {m["step"]: m["guard_wer"] for m in evals if m.get("guard_wer") is not None},
+               "select_best": cfg.train.select_best,
                "minutes": round(minutes, 1), "output_dir": str(out)}
     write_json_atomic(out / "demo_summary.json", summary)
     print(f"report: {write_report([out])}")

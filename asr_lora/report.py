@@ -364,7 +364,8 @@ def run_plot(src: Source, salt: str) -> str | None:
     """Dev error rates, losses and (when logged) hallucination indicators per step, as an SVG."""
     if not src.evals or src.kind != "run":
         return None
-    hallu = [k for k in ("nonspeech_share", "loop_share", "insertion_rate") if any(k in r for r in src.evals)]
+    hallu = [k for k in ("nonspeech_share", "guard_wer", "loop_share", "insertion_rate")
+             if any(k in r for r in src.evals)]
     fig, axes = _figure(11 if hallu else 8, 3.1, 3 if hallu else 2)
     for key, label in RATE_KEYS:
         _line(axes[0], src.evals, key, label)
@@ -378,10 +379,11 @@ def run_plot(src: Source, salt: str) -> str | None:
     _finish(axes[1], "loss", src.best_step, percent=False)
     if hallu:
         labels = {"nonspeech_share": "non-speech clips with output", "loop_share": "looping hypotheses",
-                  "insertion_rate": "character insertion rate"}
+                  "insertion_rate": "character insertion rate", "guard_wer": "guard WER (second language)"}
         for key in hallu:
             _line(axes[2], src.evals, key, labels[key])
-        _finish(axes[2], "hallucination indicators", src.best_step)
+        title = "guards and hallucination indicators" if "guard_wer" in hallu else "hallucination indicators"
+        _finish(axes[2], title, src.best_step)
     fig.tight_layout()
     return _svg(fig, salt)
 
@@ -459,6 +461,7 @@ def _table(head: list[str], rows: list[list[str]], cls: str = "", row_classes: l
 CHECKPOINT_COLUMNS = (("cer", "CER", _pct), ("cer_nospace", "CER no spaces", _pct), ("wer", "WER", _pct),
                       ("swer", "sWER", _pct), ("eval_loss", "dev loss", lambda v: _num(v, 4)),
                       ("nonspeech_share", "non-speech with output", _pct), ("guard_wer", "guard WER", _pct),
+                      ("guard_cer", "guard CER", _pct),
                       ("loop_share", "loops", _pct), ("insertion_rate", "insertions", _pct),
                       ("length_ratio", "length ratio", lambda v: _num(v, 3)),
                       ("empty_share", "empty hyps", _pct), ("eval_n", "n", lambda v: _num(v, 0)),
@@ -633,6 +636,17 @@ LEGEND = ('<p class="legend">Texts as scored (normalised). <span class="sub">sub
           '<span class="del">deleted</span><span class="ins">inserted</span> ␣ = a space</p>')
 
 
+def best_rule(recipe: dict | None) -> str:
+    """How the run chose best/ (``train.select_best``), when it was not simply the lowest dev CER."""
+    train = (recipe or {}).get("train")
+    if not isinstance(train, dict) or train.get("select_best") != "cer_guarded":
+        return ""
+    limits = [f"{label} ≤ {_pct(train[key], 1)}" for key, label in (("max_nonspeech_share", "non-speech share"),
+                                                                    ("max_guard_wer", "guard WER"))
+              if _number(train.get(key)) is not None]
+    return f"; chosen by train.select_best=cer_guarded ({', '.join(limits) or 'no limits'})"
+
+
 def source_section(src: Source, index: int, shelf: AudioShelf, worst: int) -> str:
     kind = "training run" if src.kind == "run" else "asr-lora eval"
     out = [f'<section class="source" id="source-{index}"><h2>{_esc(src.name)} '
@@ -645,6 +659,7 @@ def source_section(src: Source, index: int, shelf: AudioShelf, worst: int) -> st
         line = (f"Best checkpoint: step {src.best_step}, dev CER {_pct(best['cer'])}" if best else "No best checkpoint")
         if best and zero:
             line += f" (zero-shot {_pct(zero['cer'])})"
+        line += best_rule(src.recipe)
         out.append(f"<p>{line}.</p>")
     plot = run_plot(src, salt=f"run{index}")
     if plot:
@@ -676,7 +691,8 @@ def compare_section(sources: list[Source], shelf: AudioShelf, worst: int) -> str
     for key, label in RATE_KEYS:
         rows.append([label, *(_pct(r.get(key)) for r in shown)])
     rows.append(["zero-shot CER", *(_pct(z.get("cer")) for z in zeros)])
-    for key, label in (("nonspeech_share", "non-speech with output"), ("loop_share", "looping hypotheses"),
+    for key, label in (("nonspeech_share", "non-speech with output"), ("guard_wer", "guard WER"),
+                       ("loop_share", "looping hypotheses"),
                        ("insertion_rate", "insertion rate"), ("length_ratio", "length ratio")):
         if any(key in r for r in shown):
             rows.append([label, *((_num(r.get(key)) if key == "length_ratio" else _pct(r.get(key))) for r in shown)])

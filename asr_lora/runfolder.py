@@ -212,12 +212,13 @@ class RunFolder:
         path = self.path / METRICS
         return [r for r in read_records(path) if "cer" in r] if path.exists() else []
 
-    def write_eval_utterances(self, step: int, utterances: list[dict]) -> None:
-        """``eval/step-NNNNNN.jsonl``: one line per dev utterance of the evaluation at ``step``."""
+    def write_eval_utterances(self, step: int, utterances: list[dict], prefix: str = "") -> None:
+        """``eval/step-NNNNNN.jsonl``: one line per dev utterance of the evaluation at ``step``
+        (``eval/<prefix>step-NNNNNN.jsonl`` for another set: ``guard-`` for data.guard)."""
         folder = self.path / EVAL_DIR
         try:
             folder.mkdir(exist_ok=True)
-            with atomic_file(folder / f"{step_name(step)}.jsonl") as fh:
+            with atomic_file(folder / f"{prefix}{step_name(step)}.jsonl") as fh:
                 for u in utterances:
                     fh.write(json.dumps(u, ensure_ascii=False) + "\n")
         except OSError as e:
@@ -232,14 +233,17 @@ class RunFolder:
             raise TrainingError(write_error(f"run records in {self.path}", e, self.path)) from e
 
     def plot_cer(self) -> None:
-        """``cer.png``: dev CER (with and without spaces) per checkpoint."""
+        """``cer.png``: dev CER (with and without spaces) per checkpoint; with a guard set, its WER and
+        CER in a second panel."""
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
         records = self.eval_records()
-        fig, ax = plt.subplots(figsize=(6, 3.5))
+        guarded = [r for r in records if r.get("guard_wer") is not None]
+        fig, axes = plt.subplots(1, 2 if guarded else 1, figsize=(11 if guarded else 6, 3.5), squeeze=False)
+        ax = axes[0][0]
         ax.plot([r["step"] for r in records], [r["cer"] for r in records], marker="o", label="CER")
         ax.plot([r["step"] for r in records], [r["cer_nospace"] for r in records], marker=".", label="CER (no spaces)")
         shares = [r for r in records if r.get("nonspeech_share") is not None]
@@ -251,7 +255,21 @@ class RunFolder:
         ax.set_title("dev CER per checkpoint")
         ax.grid(alpha=0.3)
         ax.legend()
+        if guarded:  # the second language: how much of it the model forgets
+            plot_guard(axes[0][1], guarded)
         fig.tight_layout()
         with atomic_file(self.path / "cer.png", "wb") as fh:
             fig.savefig(fh, format="png", dpi=100)
         plt.close(fig)
+
+
+def plot_guard(ax, records: list[dict]) -> None:
+    """The guard set's WER and CER per checkpoint (``data.guard``) on ``ax``."""
+    steps = [r["step"] for r in records]
+    ax.plot(steps, [r["guard_wer"] for r in records], marker="o", color="C3", label="guard WER")
+    ax.plot(steps, [r.get("guard_cer") for r in records], marker=".", color="C4", label="guard CER")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("guard error rate")
+    ax.set_title("guard set (second language) per checkpoint")
+    ax.grid(alpha=0.3)
+    ax.legend()

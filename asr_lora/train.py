@@ -57,7 +57,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from .config import ConfigError, RecipeConfig, to_dict
+from .config import ConfigError, EvalConfig, RecipeConfig, TrainConfig, to_dict
 from .data.augment import apply_spec_augment, host_rng_state, restore_host_rng_state, wave_augment
 from .data.loader import next_batches
 from .errors import TrainingError, UserError
@@ -65,6 +65,8 @@ from .runfolder import TRAINER_STATE, RunFolder, latest_checkpoint, step_name
 
 TEST_PAUSE_ENV = "ASR_LORA_TEST_PAUSE"  # test-only: "POINT@STEP", see the module docstring
 TEST_PAUSE_MARKER = ".test-paused"
+BEST_KEYS = ("cer", "nonspeech_share", "guard_wer")  # what train.select_best compares, kept in TrainerState
+GUARD_PREFIX = "guard-"  # eval/guard-step-NNNNNN.jsonl: the guard set's utterances of each evaluation
 EVAL_HEADER = f"{'step':>6} {'CER':>7} {'CER-ns':>7} {'WER':>7} {'sWER':>7} {'loss':>7} {'eval s':>7}"
 
 
@@ -77,6 +79,7 @@ class TrainerState:
     batch_in_epoch: int = 0  # global micro-batch index within the epoch's batch list
     best_cer: float = math.inf
     best_step: int | None = None
+    best_metrics: dict = field(default_factory=dict)  # the best checkpoint's BEST_KEYS (train.select_best)
     evals_without_improvement: int = 0
     skipped_updates: int = 0
     bad_rows: int = 0  # distinct training rows found unreadable or invalid so far
@@ -150,7 +153,7 @@ class Trainer:
         from .backends import DecodeOptions
         from .bundled import resolve_model
         from .data.collator import WhisperCollator
-        from .data.manifest import training_rows
+        from .data.manifest import read_rows, training_rows
         from .model import build_training_model, trainable_parameters
         from .settings import settings_from_recipe
         from .trimmed import apply_audio_context, feature_padding
@@ -166,6 +169,7 @@ class Trainer:
             self.run.open(fresh=self.resume is False)
         self._seed_everything(cfg.train.seed)
         self.train_rows, self.dev_rows = training_rows(cfg)
+        self.guard_rows = read_rows(cfg.data.guard)[0] if cfg.data.guard else []
 
         model_path = resolve_model(cfg.model.name) if acc.is_main_process else None
         acc.wait_for_everyone()
@@ -278,7 +282,7 @@ class Trainer:
             if st.step % cfg.train.save_every == 0 or st.step == cfg.train.max_steps:
                 self.save_checkpoint(evaluated)
             if evaluated and self._should_stop_early():
-                self.log(f"early stopping: no CER improvement in {st.evals_without_improvement} evals")
+                self.log(f"early stopping: no new best checkpoint in {st.evals_without_improvement} evals")
                 break
         bar.close()
         del loader  # stops its workers
@@ -385,6 +389,7 @@ class Trainer:
         shard = self.dev_rows[acc.process_index::acc.num_processes]
         start, result, why = time.perf_counter(), None, "no dev rows"
         try:
+            guard, guard_lines = evaluate_guard(transcriber, self.guard_rows, cfg.data.guard_language, acc, cfg.eval)
             result = evaluate_rows(transcriber, shard, batch_size=cfg.eval.batch_size, loss=self._eval_loss,
                                    before_batch=lambda k: k == 1 and self._test_pause("eval", st.step))
         except NothingToEvaluate as e:
@@ -396,18 +401,18 @@ class Trainer:
         if result is None:
             raise TrainingError(f"step {st.step}: no dev row of {cfg.data.dev} could be read ({why})")
         result.seconds = time.perf_counter() - start
-        metrics = {"step": st.step, **result.metrics(), "bad_rows": st.bad_rows, "skipped_updates": st.skipped_updates}
+        metrics = {"step": st.step, **result.metrics(), **guard, "bad_rows": st.bad_rows,
+                   "skipped_updates": st.skipped_updates}
         if zero_shot:
             metrics["zero_shot"] = True
-        elif result.report.cer < st.best_cer:
-            st.best_cer, st.best_step = result.report.cer, st.step
-            st.evals_without_improvement = 0
-        else:
-            st.evals_without_improvement += 1
+        elif note := update_best(st, metrics, cfg.train):
+            self.log(f"step {st.step}: {note}")
         self._record(metrics, {f"dev/{k}": metrics.get(k) for k in ("cer", "cer_nospace", "wer", "swer", "eval_loss",
-                                                                    "nonspeech_share")})
+                                                                    "nonspeech_share", "guard_wer", "guard_cer")})
         if acc.is_main_process:
             self.run.write_eval_utterances(st.step, result.utterances())
+            if guard_lines:
+                self.run.write_eval_utterances(st.step, guard_lines, prefix=GUARD_PREFIX)
             self._print_eval_row(metrics)
             self.run.plot_cer()
         return metrics
@@ -561,6 +566,90 @@ def gather_results(result, shard: list, why: str):
         return scored(utterances, skipped, eval_loss=sum(l * k for l, k in losses) / max(n, 1))
     except NothingToEvaluate:
         return None
+
+
+def evaluate_guard(transcriber, rows: list, language: str, acc, cfg: EvalConfig) -> tuple[dict, list[dict]]:
+    """Decode the guard set (``data.guard``) with ``language`` forced, with the dev evaluation's model,
+    audio context and decoding options, each process its shard (every process joins the gathers).
+
+    Returns ``guard_wer``, ``guard_cer``, ``guard_n``, ``guard_skipped`` and the utterance lines, or
+    ``({}, [])`` without guard rows. Scored by :func:`asr_lora.metrics.score` like dev: its normaliser
+    (NFKC, lower case, punctuation and symbols removed, spaces collapsed) suits English WER too."""
+    from dataclasses import replace
+
+    from .backends import HFTranscriber
+    from .evaluate import NothingToEvaluate, evaluate_rows
+
+    if not rows:
+        return {}, []
+    guard = HFTranscriber(transcriber.model, transcriber.tokenizer, transcriber.settings,
+                          replace(transcriber.options, language=language), f"guard ({language})")
+    shard, result, why = rows[acc.process_index::acc.num_processes], None, "no guard rows"
+    try:
+        result = evaluate_rows(guard, shard, batch_size=cfg.batch_size)
+    except NothingToEvaluate as e:
+        why = str(e)
+    if acc.num_processes > 1:
+        result = gather_results(result, shard, why)
+    if result is None:
+        raise TrainingError(f"no row of the guard set (data.guard) could be read ({why})")
+    r = result.report
+    metrics = {"guard_wer": r.wer, "guard_cer": r.cer, "guard_n": r.n, "guard_skipped": len(result.skipped)}
+    return metrics, result.utterances()
+
+
+def limit_breaches(metrics: dict, cfg: TrainConfig) -> list[str]:
+    """The limits of ``train.select_best=cer_guarded`` that an evaluation does not meet, as text. A
+    limit applies to what was measured: without data.nonspeech_dev (data.guard) there is no
+    nonspeech_share (guard_wer) and its limit does not apply."""
+    out = []
+    for key, limit in (("nonspeech_share", cfg.max_nonspeech_share), ("guard_wer", cfg.max_guard_wer)):
+        value = metrics.get(key)
+        if limit is not None and value is not None and value > limit:
+            out.append(f"{key} {value:.4g} > {limit:g}")
+    return out
+
+
+def is_better(metrics: dict, best: dict, cfg: TrainConfig) -> bool:
+    """Whether the evaluation ``metrics`` makes a better checkpoint than ``best`` (the best one's
+    :data:`BEST_KEYS`; empty: there is none yet) under ``train.select_best``.
+
+    ``cer``: a lower dev CER. ``cer_guarded``: within ``train.max_nonspeech_share`` and
+    ``train.max_guard_wer`` beats outside them; then a lower dev CER; at equal CER a lower non-speech
+    share. So while no checkpoint is within the limits the lowest CER is best, and the first one
+    within them replaces it whatever its CER."""
+    if not best:
+        return True
+    if cfg.select_best == "cer":
+        return metrics["cer"] < best["cer"]
+
+    def rank(m: dict) -> tuple:
+        return bool(limit_breaches(m, cfg)), m["cer"], m.get("nonspeech_share") or 0.0
+
+    return rank(metrics) < rank(best)
+
+
+def update_best(st: TrainerState, metrics: dict, cfg: TrainConfig) -> str | None:
+    """Make the evaluation ``metrics`` of step ``st.step`` the best checkpoint when :func:`is_better`,
+    else count an evaluation without improvement (early stopping follows what best means). Returns
+    a line to log when ``cer_guarded`` met an evaluation outside its limits, else None."""
+    best = st.best_metrics or ({"cer": st.best_cer} if st.best_step is not None else {})  # older states: CER
+    better = is_better(metrics, best, cfg)
+    if better:
+        st.best_cer, st.best_step, st.evals_without_improvement = metrics["cer"], st.step, 0
+        st.best_metrics = {k: metrics.get(k) for k in BEST_KEYS}
+    else:
+        st.evals_without_improvement += 1
+    breaches = limit_breaches(metrics, cfg) if cfg.select_best == "cer_guarded" else []
+    if not breaches:
+        return None
+    if better:
+        return (f"no checkpoint within the limits yet ({', '.join(breaches)}): best/ is the lowest dev CER, "
+                f"{metrics['cer']:.4f}")
+    if metrics["cer"] < best["cer"]:
+        return (f"dev CER {metrics['cer']:.4f} is below the best checkpoint's ({best['cer']:.4f}, step "
+                f"{st.best_step}) but outside the limits ({', '.join(breaches)}): not best")
+    return None
 
 
 def restore_checkpoint(path: Path, acc, model, optimizer, scheduler) -> TrainerState:

@@ -182,7 +182,9 @@ class Trainer:
                                         pad_to_multiple_of=multiple, max_label_tokens=cfg.data.max_label_tokens,
                                         language=cfg.model.language, task=cfg.model.task,
                                         # log-mel on the GPU, in the data path (never precomputed)
-                                        feature_device=acc.device if acc.device.type == "cuda" else None)
+                                        feature_device=acc.device if acc.device.type == "cuda" else None,
+                                        timestamp_probability=cfg.train.timestamp_probability,
+                                        prompt_probability=cfg.train.prompt_probability, seed=cfg.train.seed)
         self.trainable, self.total_params = trainable_parameters(model)
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
@@ -288,7 +290,7 @@ class Trainer:
         features = batch["input_features"].to(acc.device, non_blocking=True)  # pinned by the loader on a GPU
         labels = batch["labels"].to(acc.device, non_blocking=True)
         with acc.autocast():
-            out = self.model(input_features=features, labels=labels, use_cache=False)
+            out = self.model(input_features=features, labels=labels, **decoder_inputs(batch, acc.device))
         loss_sum, _ = token_loss_sum(out.logits, labels)
         # sum_gradients adds up the processes' gradients: the result is sum / total tokens of the step
         acc.backward(loss_sum / max(total_tokens, 1))
@@ -332,7 +334,7 @@ class Trainer:
         cfg, acc, st = self.cfg.train, self.accelerator, self.state
         self.plan = BatchPlan.for_rows(self.train_rows, cfg, self.cfg.model.audio_context)
         workers, steps = resolve_num_workers(cfg.num_workers, acc.device), cfg.max_steps - st.step
-        order = self.plan.rank_batches(st.epoch, st.batch_in_epoch, cfg.grad_accum * acc.num_processes, steps,
+        order = self.plan.keyed_batches(st.epoch, st.batch_in_epoch, cfg.grad_accum * acc.num_processes, steps,
                                        acc.process_index, acc.num_processes)
         self.log(f"{self.plan}; loaded {f'by {workers} worker processes each' if workers else 'in the loop'}")
         return micro_batches(self.train_rows, self.collator, order, steps * cfg.grad_accum, workers,
@@ -527,6 +529,14 @@ class Trainer:
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def decoder_inputs(batch: dict, device) -> dict:
+    """``decoder_input_ids`` of a batch whose labels start with a ``<|startofprev|>`` prompt (the model's
+    own shift of the labels would begin at ``<|startoftranscript|>``); nothing for any other batch."""
+    ids = batch.get("decoder_input_ids")
+    ids = {} if ids is None else {"decoder_input_ids": ids.to(device, non_blocking=True)}
+    return {"use_cache": False, **ids}
 
 
 def sum_gradients(acc, model) -> None:

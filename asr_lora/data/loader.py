@@ -46,7 +46,8 @@ def cpu_features(collator):
 
 
 class _Rows(torch.utils.data.Dataset):
-    """Row ``i`` as ``(i, row)``, so that a batch knows the rows it was made from."""
+    """Row ``i`` as ``(i, row)``, so that a batch knows the rows it was made from; asked for by an
+    ``(epoch, i)`` key (:meth:`~asr_lora.data.samplers.BatchPlan.keyed_batches`), as ``((epoch, i), row)``."""
 
     def __init__(self, rows: Sequence[ManifestRow]):
         self.rows = rows
@@ -54,19 +55,22 @@ class _Rows(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.rows)
 
-    def __getitem__(self, i: int) -> tuple[int, ManifestRow]:
-        return i, self.rows[i]
+    def __getitem__(self, i: int | tuple[int, int]) -> tuple[int | tuple[int, int], ManifestRow]:
+        return i, self.rows[i[1] if isinstance(i, tuple) else i]
 
 
 class _Collate:
-    """The collator over ``(i, row)`` pairs; the batch gets ``indices`` (all rows asked for)."""
+    """The collator over ``(i, row)`` pairs; the batch gets ``indices`` (all rows asked for). With
+    ``((epoch, i), row)`` pairs the collator also gets the keys (its per-row draws)."""
 
     def __init__(self, collator):
         self.collator = collator
 
-    def __call__(self, items: list[tuple[int, ManifestRow]]) -> dict:
-        batch = self.collator([row for _, row in items])
-        batch["indices"] = [i for i, _ in items]
+    def __call__(self, items: list[tuple[int | tuple[int, int], ManifestRow]]) -> dict:
+        keys = [k for k, _ in items]
+        keyed = bool(keys) and isinstance(keys[0], tuple)
+        batch = self.collator([row for _, row in items], keys) if keyed else self.collator([row for _, row in items])
+        batch["indices"] = [k[1] for k in keys] if keyed else keys
         return batch
 
 
@@ -85,7 +89,8 @@ class _Planned(torch.utils.data.Sampler):
 
 def micro_batches(rows: Sequence[ManifestRow], collator, batches: Iterable[list[int]], n: int,
                   num_workers: int = 0, pin_memory: bool = False) -> Iterator[dict]:
-    """The collated micro-batches ``batches`` (``n`` of them, lists of row indices), in order.
+    """The collated micro-batches ``batches`` (``n`` of them, lists of row indices or of ``(epoch,
+    index)`` keys), in order.
 
     ``num_workers > 0``: made in that many worker processes, ``PREFETCH`` each ahead of the loop,
     pinned when ``pin_memory`` (GPU), log-mel on the CPU (:func:`cpu_features`). The
@@ -93,8 +98,8 @@ def micro_batches(rows: Sequence[ManifestRow], collator, batches: Iterable[list[
     checkpoints save: dropout stays what it would be without background loading).
     """
     if num_workers == 0 or n == 0:  # in the loop (and no workers for a run with nothing left to do)
-        collate = _Collate(collator)
-        return (collate([(i, rows[i]) for i in idx]) for idx in batches)
+        collate, dataset = _Collate(collator), _Rows(rows)
+        return (collate([dataset[i] for i in idx]) for idx in batches)
     collate = _Collate(cpu_features(collator))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # forked workers; quiets the tokenizers warning
     loader = torch.utils.data.DataLoader(

@@ -163,3 +163,18 @@ class BatchPlan:
         for _ in range(steps):
             batches, epoch, index = self.take(epoch, index, per_step)
             yield from batches[rank::world]
+
+    def keyed_batches(self, epoch: int, index: int, per_step: int, steps: int, rank: int = 0,
+                      world: int = 1) -> Iterator[list[tuple[int, int]]]:
+        """:meth:`rank_batches` with each row index paired with the epoch it is drawn in: ``(epoch,
+        index)``, the key of a row's per-utterance random choices (timestamps, prompts), the same in a
+        resumed run as in an uninterrupted one."""
+        for _ in range(steps):
+            batches: list[list[tuple[int, int]]] = []
+            while len(batches) < per_step:
+                chunk = self.epoch(epoch)[index:index + per_step - len(batches)]
+                batches.extend([(epoch, i) for i in b] for b in chunk)
+                index += len(chunk)
+                if index >= len(self.epoch(epoch)):
+                    epoch, index = epoch + 1, 0
+            yield from batches[rank::world]

@@ -323,3 +323,45 @@ def test_transcribe_timestamps_cues_inside_the_pieces_real_base(bundled_base, tm
     assert main(["transcribe", str(tmp_path / "two.wav"), "--model", str(bundled_base), "--format", "srt",
                  "--out", str(tmp_path / "srt"), "--timestamps", "--no-progress", "--no-fallback"]) == 0
     assert (tmp_path / "srt" / "two.srt").read_text().count(" --> ") == len(cues)
+
+
+class PromptSpy:
+    """Answers each piece with its index; records the prompts it was given; piece 1 needs temperature 0.8."""
+
+    class settings:
+        audio_context = "full"
+
+    def __init__(self, prompt=None):
+        from asr_lora.backends import DecodeOptions
+
+        self.options, self.prompts, self.n = DecodeOptions(prompt=prompt), [], 0
+
+    def decode(self, pieces, prompts=None):
+        from asr_lora.backends import Hypothesis
+
+        self.prompts += list(prompts or [None] * len(pieces))
+        out = [Hypothesis(f"piece{self.n + k}", temperature=0.8 if self.n + k == 1 else 0.0) for k in range(len(pieces))]
+        self.n += len(pieces)
+        return out
+
+
+def test_condition_on_previous_text_chains_pieces_and_restarts_after_a_hot_fallback(tmp_path):
+    import soundfile as sf
+
+    from asr_lora.transcribe import Item, Writer, transcribe_items
+
+    rng = np.random.default_rng(0)
+    audio = (rng.standard_normal(100 * SAMPLE_RATE) * 0.1).astype(np.float32)  # 4 windows of 25-30 s
+    sf.write(tmp_path / "long.wav", audio, SAMPLE_RATE)
+    items = [Item(str(tmp_path / "long.wav"), str(tmp_path / "long.wav"))]
+    spy = PromptSpy(prompt="이름")
+    writer = Writer("json", tmp_path / "out", "ko", None)
+    assert transcribe_items(spy, items, writer, progress=False, split="windows", vad=False,
+                            condition_on_previous_text=True) == []
+    assert spy.prompts == ["이름", "이름 piece0", "이름", "이름 piece2"]  # piece1 needed t=0.8: the chain restarts
+    doc = json.loads((tmp_path / "out" / "long.json").read_text())
+    assert [s["text"] for s in doc["segments"]] == ["piece0", "piece1", "piece2", "piece3"]
+    spy = PromptSpy()  # off: batched, no prompts
+    assert transcribe_items(spy, items, Writer("json", tmp_path / "off", "ko", None), progress=False,
+                            split="windows", vad=False) == []
+    assert spy.prompts == [None] * 4

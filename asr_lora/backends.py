@@ -31,7 +31,7 @@ from typing import Callable, Protocol
 
 import numpy as np
 
-from .audio import log_mel_spectrogram
+from .audio import SAMPLE_RATE, log_mel_spectrogram
 from .defaults import MAX_DECODER_TOKENS, TRANSCRIBE_MAX_NEW_TOKENS
 from .errors import UserError
 from .nospeech import (
@@ -116,8 +116,9 @@ class Transcriber(Protocol):
     options: DecodeOptions
 
     def decode(self, audios: list[np.ndarray], references: list[str] | None = None,
-               on_encoded: Callable | None = None) -> list[Hypothesis]:
-        """Hypotheses for 16 kHz mono float32 clips, each at most 30 s."""
+               on_encoded: Callable | None = None, prompts: list[str | None] | None = None) -> list[Hypothesis]:
+        """Hypotheses for 16 kHz mono float32 clips, each at most 30 s (``prompts``: one per clip,
+        instead of ``options.prompt``)."""
 
     def transcribe_batch(self, audios: list[np.ndarray]) -> list[str]:
         """Transcripts of 16 kHz mono float32 clips, each at most 30 s."""
@@ -198,8 +199,6 @@ class _Decoding:
 
 
 def _seconds(audios: list[np.ndarray]) -> list[float]:
-    from .audio import SAMPLE_RATE
-
     return [len(a) / SAMPLE_RATE for a in audios]
 
 

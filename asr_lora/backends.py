@@ -14,6 +14,13 @@ or too unsure is decoded again at the next of ``DecodeOptions.temperatures`` (sa
 result with ``no_speech_prob`` above ``no_speech_threshold`` that is not confident (``avg_logprob``
 at most ``logprob_threshold``, or repetitive) is silence: its text is empty and ``skip_reason`` says
 ``no_speech``.
+
+Prompts and timestamps (:mod:`asr_lora.prompting`): ``DecodeOptions.prompt`` (or a per-clip
+``prompts`` list given to ``decode``) goes before ``<|startoftranscript|>`` as ``<|startofprev|>``
+tokens, cut from the left to fit (at most 223 tokens, and the decoder's 448 positions with the cap);
+the no-speech probability is then read at the ``<|startoftranscript|>`` position after it.
+``DecodeOptions.timestamps`` decodes without ``<|notimestamps|>`` (Whisper's timestamp rules apply)
+and each hypothesis gets ``segments``: the model's own timestamped spans inside the clip.
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ from typing import Callable, Protocol
 
 import numpy as np
 
-from .audio import log_mel_spectrogram
+from .audio import SAMPLE_RATE, log_mel_spectrogram
 from .defaults import MAX_DECODER_TOKENS, TRANSCRIBE_MAX_NEW_TOKENS
 from .errors import UserError
 from .nospeech import (
@@ -36,6 +43,7 @@ from .nospeech import (
     needs_fallback,
     no_speech_token_id,
 )
+from .prompting import MAX_PROMPT_TOKENS, prompt_ids, timestamp_begin, timestamp_segments
 from .settings import ModelSettings
 from .trimmed import audio_context_of, feature_padding
 
@@ -54,6 +62,7 @@ class Hypothesis:
     compression_ratio: float | None = None
     temperature: float = 0.0
     skip_reason: str | None = None  # why the text is empty: "no_speech" (Whisper's own signal)
+    segments: list[dict] | None = None  # with DecodeOptions.timestamps: {"start", "end", "text"} inside the clip
 
     def to_json(self) -> dict:
         out = {"no_speech_prob": _round(self.no_speech_prob), "avg_logprob": _round(self.avg_logprob),
@@ -85,6 +94,8 @@ class DecodeOptions:
     logprob_threshold: float | None = LOGPROB_THRESHOLD
     compression_ratio_threshold: float | None = COMPRESSION_RATIO_THRESHOLD
     temperatures: tuple[float, ...] = FALLBACK_TEMPERATURES
+    prompt: str | None = None  # initial prompt: text before every clip, as <|startofprev|> tokens
+    timestamps: bool = False  # decode with Whisper's timestamp tokens: Hypothesis.segments
 
     def __post_init__(self):
         if not 1 <= self.max_new_tokens <= MAX_DECODER_TOKENS:
@@ -105,8 +116,9 @@ class Transcriber(Protocol):
     options: DecodeOptions
 
     def decode(self, audios: list[np.ndarray], references: list[str] | None = None,
-               on_encoded: Callable | None = None) -> list[Hypothesis]:
-        """Hypotheses for 16 kHz mono float32 clips, each at most 30 s."""
+               on_encoded: Callable | None = None, prompts: list[str | None] | None = None) -> list[Hypothesis]:
+        """Hypotheses for 16 kHz mono float32 clips, each at most 30 s (``prompts``: one per clip,
+        instead of ``options.prompt``)."""
 
     def transcribe_batch(self, audios: list[np.ndarray]) -> list[str]:
         """Transcripts of 16 kHz mono float32 clips, each at most 30 s."""
@@ -139,6 +151,32 @@ class _Decoding:
     def transcribe_batch(self, audios: list[np.ndarray]) -> list[str]:
         return [h.text for h in self.decode(audios)] if audios else []
 
+    def prompt_ids(self, text: str | None, cap: int) -> list[int]:
+        """``<|startofprev|>`` and ``text``'s last tokens, as many as fit beside the prefix and ``cap``
+        new tokens in the decoder's 448 positions (at most 223); ``[]`` without text."""
+        room = min(MAX_PROMPT_TOKENS, MAX_DECODER_TOKENS - cap - 1)  # -1: <|startofprev|>
+        return prompt_ids(self.tokenizer, text, room)
+
+    def _decode_grouped(self, n: int, prompts: list[str | None] | None, cap: int,
+                        decode: Callable[[list[int], list[int]], list[Hypothesis]]) -> list[Hypothesis]:
+        """``decode(indices, prompt ids)`` once per distinct prompt of the ``n`` clips, in clip order."""
+        prompts = list(prompts) if prompts is not None else [self.options.prompt] * n
+        out: list[Hypothesis | None] = [None] * n
+        for text in dict.fromkeys(prompts):
+            idx = [i for i, p in enumerate(prompts) if p == text]
+            for i, h in zip(idx, decode(idx, self.prompt_ids(text, cap))):
+                out[i] = h
+        return out
+
+    def _segments(self, hyps: list[Hypothesis], ids: list[list[int]], durations: list[float]) -> None:
+        """With timestamps: each hypothesis's segments from its generated ids (after the prompt)."""
+        if not self.options.timestamps:
+            return
+        begin, eot = timestamp_begin(self.tokenizer), self._eot
+        for h, row, seconds in zip(hyps, ids, durations):
+            h.segments = [{"start": a, "end": b, "text": self._text(t).strip()}
+                          for a, b, t in timestamp_segments(row, begin, seconds, eot) if self._text(t).strip()]
+
     def _judge(self, first: list[Hypothesis], redecode: Callable[[list[int], float], list[Hypothesis]]
                ) -> list[Hypothesis]:
         """Temperature fallback for the hypotheses that need it, then the silence rule."""
@@ -158,6 +196,10 @@ class _Decoding:
                                     h.compression_ratio, o.compression_ratio_threshold or float("inf")):
                 h.text, h.skip_reason = "", "no_speech"
         return hyps
+
+
+def _seconds(audios: list[np.ndarray]) -> list[float]:
+    return [len(a) / SAMPLE_RATE for a in audios]
 
 
 def _hypothesis(text: str, avg_lp: float | None, no_speech_p: float | None, temperature: float) -> Hypothesis:
@@ -212,6 +254,7 @@ class HFTranscriber(_Decoding):
         self.n_mels = self.whisper.config.num_mel_bins
         self.no_speech_id = no_speech_token_id(tokenizer)
         self.sot_id = self.whisper.generation_config.decoder_start_token_id
+        self._eot = self.whisper.generation_config.eos_token_id
 
     @property
     def device(self):
@@ -237,11 +280,18 @@ class HFTranscriber(_Decoding):
         with torch.no_grad():
             return self.model.get_encoder()(self.features(audios))
 
-    def _generate(self, encoded, cap: int | None = None, temperature: float = 0.0):
+    def _text(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def _generate(self, encoded, cap: int | None = None, temperature: float = 0.0, prompt: list[int] | None = None):
         import torch
 
         sampling = {"do_sample": True, "temperature": temperature, "top_k": 0} if temperature > 0 else \
             {"do_sample": False, "num_beams": self.options.num_beams}
+        if prompt:  # transformers puts these <|startofprev|> tokens before <|startoftranscript|>
+            sampling["prompt_ids"] = torch.tensor(prompt, device=self.device)
+        if self.options.timestamps:  # one generate call, its usual outputs (not transformers' long-form segments)
+            sampling.update(return_timestamps=True, force_unique_generate_call=True)
         with torch.no_grad():
             return self.model.generate(encoder_outputs=encoded, language=self.language, task=self.task,
                                        max_new_tokens=cap or self.options.max_new_tokens, use_cache=True,
@@ -262,22 +312,23 @@ class HFTranscriber(_Decoding):
         """Greedy output ids (batch, tokens) including the forced prompt tokens."""
         return self._generate(encoded if encoded is not None else self.encode(audios), cap).sequences
 
-    def no_speech_probs(self, encoded) -> list[float]:
+    def no_speech_probs(self, encoded, prompt: list[int] | None = None) -> list[float]:
         """Probability of the no-speech token after ``<|startoftranscript|>``, per clip (raw logits)."""
         import torch
 
         from .nospeech import no_speech_prob
 
-        n = encoded.last_hidden_state.shape[0]
-        sot = torch.full((n, 1), self.sot_id, dtype=torch.long, device=encoded.last_hidden_state.device)
+        n, prompt = encoded.last_hidden_state.shape[0], list(prompt or [])
+        start = torch.tensor([[*prompt, self.sot_id]] * n, dtype=torch.long, device=encoded.last_hidden_state.device)
         with torch.no_grad():
-            logits = self.model(encoder_outputs=encoded, decoder_input_ids=sot, use_cache=False).logits
-        return no_speech_prob(logits, self.no_speech_id).tolist()
+            logits = self.model(encoder_outputs=encoded, decoder_input_ids=start, use_cache=False).logits
+        return no_speech_prob(logits, self.no_speech_id, sot_index=len(prompt)).tolist()
 
-    def _hypotheses(self, encoded, cap: int, temperature: float, no_speech: list[float]) -> list[Hypothesis]:
+    def _hypotheses(self, encoded, cap: int, temperature: float, no_speech: list[float],
+                    prompt: list[int] | None = None, durations: list[float] | None = None) -> list[Hypothesis]:
         from .nospeech import avg_logprob
 
-        out = self._generate(encoded, cap, temperature)
+        out = self._generate(encoded, cap, temperature, prompt)
         eos = self.whisper.generation_config.eos_token_id
         generated = out.sequences[:, out.sequences.shape[1] - len(out.scores):]
         if self.options.num_beams > 1 and temperature == 0:
@@ -291,29 +342,45 @@ class HFTranscriber(_Decoding):
                 sums.append(float(scores[: n + 1].sum()))
                 lengths.append(n)
         texts = self.tokenizer.batch_decode(generated, skip_special_tokens=True)
-        return [_hypothesis(t, avg_logprob(s, n), p, temperature)
+        hyps = [_hypothesis(t, avg_logprob(s, n), p, temperature)
                 for t, s, n, p in zip(texts, sums, lengths, no_speech)]
+        self._segments(hyps, generated.tolist(), durations or [30.0] * len(hyps))
+        return hyps
 
     def decode(self, audios: list[np.ndarray], references: list[str] | None = None,
-               on_encoded: Callable | None = None) -> list[Hypothesis]:
+               on_encoded: Callable | None = None, prompts: list[str | None] | None = None) -> list[Hypothesis]:
         """Hypotheses; ``on_encoded(encoder_outputs)`` lets a caller reuse the encoder pass (the
-        teacher-forced dev loss in training)."""
-        import torch
+        teacher-forced dev loss in training); ``prompts``: a prompt per clip instead of the options' one."""
         from transformers.modeling_outputs import BaseModelOutput
 
         encoded = self.encode(audios)
         if on_encoded is not None:
             on_encoded(encoded)
-        cap, no_speech = self.cap(references), self.no_speech_probs(encoded)
+        cap, seconds = self.cap(references), _seconds(audios)
+
+        def group(idx: list[int], prompt: list[int]) -> list[Hypothesis]:
+            subset = encoded if len(idx) == len(audios) else \
+                BaseModelOutput(last_hidden_state=encoded.last_hidden_state[idx])
+            return self._decode_group(subset, cap, prompt, [seconds[i] for i in idx])
+
+        return self._decode_grouped(len(audios), prompts, cap, group)
+
+    def _decode_group(self, encoded, cap: int, prompt: list[int], seconds: list[float]) -> list[Hypothesis]:
+        """Hypotheses of clips that share one prompt: greedy, then the fallback and silence rules."""
+        import torch
+        from transformers.modeling_outputs import BaseModelOutput
+
+        no_speech = self.no_speech_probs(encoded, prompt)
 
         def redecode(idx: list[int], temperature: float) -> list[Hypothesis]:
             subset = BaseModelOutput(last_hidden_state=encoded.last_hidden_state[idx])
             devices = [self.device] if self.device.type == "cuda" else []
             with torch.random.fork_rng(devices=devices):
                 torch.manual_seed(SAMPLING_SEED)
-                return self._hypotheses(subset, cap, temperature, [no_speech[i] for i in idx])
+                return self._hypotheses(subset, cap, temperature, [no_speech[i] for i in idx], prompt,
+                                        [seconds[i] for i in idx])
 
-        return self._judge(self._hypotheses(encoded, cap, 0.0, no_speech), redecode)
+        return self._judge(self._hypotheses(encoded, cap, 0.0, no_speech, prompt, seconds), redecode)
 
 
 class CT2Transcriber(_Decoding):
@@ -336,6 +403,7 @@ class CT2Transcriber(_Decoding):
         missing = [t for t, i in zip(tokens, self.prompt) if i is None]
         if missing:
             raise UserError(f"{folder}/tokenizer.json has no token(s) {', '.join(missing)}; check --language")
+        self._eot = self.tokenizer.token_to_id("<|endoftext|>")
 
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer.encode(text.strip(), add_special_tokens=False).ids)
@@ -343,7 +411,20 @@ class CT2Transcriber(_Decoding):
     def features(self, audios: list[np.ndarray]) -> np.ndarray:
         return np.ascontiguousarray(self._features(audios).numpy())
 
-    def _results(self, features: np.ndarray, cap: int, temperature: float = 0.0):
+    def _text(self, ids: list[int]) -> str:
+        return self.tokenizer.decode([i for i in ids if i < self._timestamp_begin], skip_special_tokens=True)
+
+    @property
+    def _timestamp_begin(self) -> int:
+        return timestamp_begin(self.tokenizer)
+
+    def start_tokens(self, prompt: list[int] | None = None) -> list[int]:
+        """The decoder's first tokens: an optional ``<|startofprev|>`` prompt, then ``self.prompt``
+        (``<|startoftranscript|>``, language, task, and ``<|notimestamps|>`` unless decoding timestamps).
+        CTranslate2 reads the no-speech probability at the ``<|startoftranscript|>`` after a prompt."""
+        return [*(prompt or []), *(self.prompt[:3] if self.options.timestamps else self.prompt)]
+
+    def _results(self, features: np.ndarray, cap: int, temperature: float = 0.0, prompt: list[int] | None = None):
         import ctranslate2
 
         if temperature > 0:
@@ -353,7 +434,8 @@ class CT2Transcriber(_Decoding):
             sampling = {"beam_size": self.options.num_beams}
         # CTranslate2's Whisper decodes at most max_length / 2 tokens (openai's sample_len rule), and
         # fewer for max_length < 6 (measured with 4.8); ask for a little more and cut to the cap.
-        return self.model.generate(ctranslate2.StorageView.from_array(features), [self.prompt] * len(features),
+        start = self.start_tokens(prompt)
+        return self.model.generate(ctranslate2.StorageView.from_array(features), [start] * len(features),
                                    max_length=2 * max(cap, 4), suppress_blank=True, suppress_tokens=[-1],
                                    return_scores=True, return_no_speech_prob=True, **sampling)
 
@@ -362,26 +444,36 @@ class CT2Transcriber(_Decoding):
         cap = cap or self.options.max_new_tokens
         return [r.sequences_ids[0][:cap] for r in self._results(self.features(audios), cap)]
 
-    def _hypotheses(self, features: np.ndarray, cap: int, temperature: float) -> list[Hypothesis]:
+    def _hypotheses(self, features: np.ndarray, cap: int, temperature: float, prompt: list[int] | None = None,
+                    durations: list[float] | None = None) -> list[Hypothesis]:
         from .nospeech import avg_logprob
 
-        hyps = []
-        for r in self._results(features, cap, temperature):
+        hyps, all_ids = [], []
+        for r in self._results(features, cap, temperature, prompt):
             ids = r.sequences_ids[0][:cap]
             # CTranslate2's score is the summed log-prob over the tokens (EOT included) / their number
             # (length_penalty 1): faster-whisper's reading, then openai's average
             n = len(r.sequences_ids[0])
-            hyps.append(_hypothesis(self.tokenizer.decode(ids, skip_special_tokens=True),
-                                    avg_logprob(r.scores[0] * n, n), r.no_speech_prob, temperature))
+            hyps.append(_hypothesis(self._text(ids), avg_logprob(r.scores[0] * n, n), r.no_speech_prob, temperature))
+            all_ids.append(ids)
+        self._segments(hyps, all_ids, durations or [30.0] * len(hyps))
         return hyps
 
     def decode(self, audios: list[np.ndarray], references: list[str] | None = None,
-               on_encoded: Callable | None = None) -> list[Hypothesis]:
+               on_encoded: Callable | None = None, prompts: list[str | None] | None = None) -> list[Hypothesis]:
         if on_encoded is not None:
             raise ValueError("a CTranslate2 model exposes no encoder outputs (no teacher-forced loss)")
-        features, cap = self.features(audios), self.cap(references)
-        return self._judge(self._hypotheses(features, cap, 0.0),
-                           lambda idx, t: self._hypotheses(np.ascontiguousarray(features[idx]), cap, t))
+        features, seconds = self.features(audios), _seconds(audios)
+        cap = self.cap(references)
+
+        def group(idx: list[int], prompt: list[int]) -> list[Hypothesis]:
+            sub = features if len(idx) == len(audios) else np.ascontiguousarray(features[idx])
+            secs = [seconds[i] for i in idx]
+            return self._judge(self._hypotheses(sub, cap, 0.0, prompt, secs),
+                               lambda j, t: self._hypotheses(np.ascontiguousarray(sub[j]), cap, t, prompt,
+                                                             [secs[i] for i in j]))
+
+        return self._decode_grouped(len(audios), prompts, cap, group)
 
 
 def torch_device(device: str | None) -> str:

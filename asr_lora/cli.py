@@ -58,7 +58,8 @@ def _cmd_prepare_kspon(args: argparse.Namespace) -> int:
     from .data.kspon import prepare_kspon
 
     report = prepare_kspon(Path(args.root), Path(args.out), side=args.side, workers=args.workers,
-                           keep_noise_only=args.keep_noise_only, progress=not args.no_progress)
+                           keep_noise_only=args.keep_noise_only, progress=not args.no_progress,
+                           prompts=args.prompts)
     for split, r in report["splits"].items():
         status = " (unchanged, skipped)" if r.get("skipped") else ""
         noise = r["noise_only"]["count"]
@@ -86,10 +87,11 @@ def _cmd_transcribe(args: argparse.Namespace) -> int:
     options = DecodeOptions(language=args.language, max_new_tokens=args.max_new_tokens,
                             no_speech_threshold=args.no_speech_threshold, logprob_threshold=args.logprob_threshold,
                             compression_ratio_threshold=args.compression_ratio_threshold,
-                            temperatures=(0.0,) if args.no_fallback else FALLBACK_TEMPERATURES)
+                            temperatures=(0.0,) if args.no_fallback else FALLBACK_TEMPERATURES,
+                            prompt=args.prompt, timestamps=args.timestamps)
     failures = transcribe_paths(args.paths, source_from_args(args), options, fmt=args.format, out=args.out,
                                 batch_size=args.batch_size, progress=not args.no_progress, split=args.split,
-                                vad=not args.no_vad)
+                                vad=not args.no_vad, condition_on_previous_text=args.condition_on_previous_text)
     return 1 if failures else 0
 
 
@@ -268,6 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=None, help="parallel worker processes (default: CPU count)")
     p.add_argument("--keep-noise-only", action="store_true",
                    help="keep utterances whose transcript is empty after cleaning (default: report and drop)")
+    p.add_argument("--prompts", action="store_true",
+                   help="give each row a 'prompt': the previous utterance's text in the same session (its "
+                   "KsponSpeech_NNNN folder), for train.prompt_probability")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_prepare_kspon)
 
@@ -349,6 +354,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-fallback", action="store_true",
                    help="decode once, greedily (default: re-decode unsure or looping pieces at temperatures "
                    "0.2, 0.4, ... 1.0, as openai/whisper does)")
+    p.add_argument("--timestamps", action="store_true",
+                   help="cues from the model's own timestamp tokens inside each piece, offset by the piece's "
+                   "start, in srt/vtt/json/tsv (default: one cue per piece, the piece boundaries)")
+    p.add_argument("--prompt", default=None, metavar="TEXT",
+                   help="initial prompt before every piece (<|startofprev|> tokens, at most 223, cut from the left): "
+                   "vocabulary, names, spelling or style to follow")
+    p.add_argument("--condition-on-previous-text", action="store_true",
+                   help="prompt each piece of long audio with the previous piece's text (after --prompt); pieces of "
+                   "a file are then decoded one by one. Off by default: a wrong or looping piece is fed to the "
+                   "next one, so errors and repetition loops propagate")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_transcribe)
 

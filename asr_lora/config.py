@@ -131,6 +131,14 @@ class TrainConfig:
                                       "limit; applies only when data.guard is scored)")
     max_bad_steps: int = doc(5, "stop after this many non-finite losses in a row")
     max_bad_rows: int = doc(100, "stop when more rows than this turn out unreadable during training")
+    timestamp_probability: float = doc(
+        0.0, "share of training utterances (drawn per utterance from seed, epoch and row) whose labels carry "
+        "Whisper's timestamp tokens, <|0.00|> text <|end|> with the clip's duration as end, instead of "
+        "<|notimestamps|>: keeps the model's timestamps (distil-whisper uses 0.2)")
+    prompt_probability: float = doc(
+        0.0, "share of training utterances with a manifest 'prompt' (the previous text) that are decoded after "
+        "it as a <|startofprev|> prompt, with no loss on the prompt: keeps prompt following (distil-whisper's "
+        "condition_on_prev_probability, 0.2)")
     report_to: list[Literal["tensorboard", "wandb", "mlflow", "none"]] = doc(
         ["tensorboard"], "trackers (accelerate) for training loss, lr, step time, tokens/s and every dev metric: "
         "tensorboard (in <output_dir>/tb), wandb, mlflow, or none")
@@ -149,6 +157,9 @@ class TrainConfig:
         for name in ("max_nonspeech_share", "max_guard_wer"):
             if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise ConfigError(f"train.{name} must be 0 or more (or null: no limit), got {getattr(self, name)}")
+        for name in ("timestamp_probability", "prompt_probability"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"train.{name} must be in 0..1, got {getattr(self, name)}")
         for tracker in self.report_to:
             if tracker != "none" and importlib.util.find_spec(TRACKER_PACKAGES[tracker]) is None:
                 raise ConfigError(f"train.report_to={tracker} needs the {TRACKER_PACKAGES[tracker]!r} package "

@@ -15,6 +15,9 @@ threads; the pieces go to the queue of their model's engine, whose thread collec
 ``batch_size`` pieces of one model and language, waiting at most ``batch_wait_ms`` after the first,
 and decodes them as one batch. The event loop only moves bytes.
 
+The request's ``prompt`` is the initial prompt of every piece of that upload (``<|startofprev|>``
+tokens, as ``asr-lora transcribe --prompt``); pieces with different prompts may share a batch.
+
 Errors use OpenAI's JSON shape ``{"error": {"message", "type", "param", "code"}}``: 401 without the
 API key, 404 for an unknown model (listing the served ones), 413 over ``--max-upload-mb`` or
 ``--max-audio-seconds``, 400 for an upload that does not decode (with the decoder's reason), 500 for a
@@ -284,6 +287,7 @@ class _Piece:
     language: str | None
     audio: np.ndarray
     future: Future
+    prompt: str | None = None  # the request's initial prompt
 
 
 class Engine:
@@ -311,7 +315,8 @@ class Engine:
             self._thread = threading.Thread(target=self._run, name=f"decode-{self.name}", daemon=True)
             self._thread.start()
 
-    def decode(self, model: ServedModel, language: str | None, pieces: list[np.ndarray]) -> list[str]:
+    def decode(self, model: ServedModel, language: str | None, pieces: list[np.ndarray],
+               prompt: str | None = None) -> list[str]:
         """Transcripts of ``pieces`` (each at most 30 s), decoded in batches on the engine's thread;
         blocks the calling (worker) thread until they are done."""
         futures = []
@@ -320,7 +325,7 @@ class Engine:
                 raise RuntimeError("the server is shutting down")
             for audio in pieces:
                 futures.append(Future())
-                self._queue.append(_Piece(model, language, audio, futures[-1]))
+                self._queue.append(_Piece(model, language, audio, futures[-1], prompt))
             self._cond.notify()
         return [f.result() for f in futures]
 
@@ -359,7 +364,8 @@ class Engine:
             model, language = batch[0].model, batch[0].language
             try:
                 with _selected(model), _forced_language(model.transcriber, language):
-                    texts = model.transcriber.decode([p.audio for p in batch])  # Hypothesis per piece
+                    prompts = [p.prompt or model.transcriber.options.prompt for p in batch]
+                    texts = model.transcriber.decode([p.audio for p in batch], prompts=prompts)  # Hypothesis per piece
             except BaseException as e:  # the batch's requests fail; the thread and the server go on
                 log.exception("decoding a batch of %d piece(s) for %s failed", len(batch), model.name)
                 for p in batch:
@@ -575,7 +581,8 @@ def create_app(models: list[ServedModel], options: ServerOptions):
                 upload_path.unlink(missing_ok=True)  # decoded: the file is not needed any more
             model: ServedModel = fields["model"]
             segments = await run_in_threadpool(
-                transcribe_audio, audio, partial(model.engine.decode, model, fields["language"]), model.split,
+                transcribe_audio, audio, partial(model.engine.decode, model, fields["language"],
+                                                 prompt=fields["prompt"]), model.split,
                 model.vad)
             content, media_type = render(segments, len(audio) / SAMPLE_RATE,
                                          fields["language"] or model.transcriber.language,
@@ -645,7 +652,9 @@ def _parse_fields(form, by_name: dict, upload_type) -> dict:
         raise ApiError(400, f"timestamp_granularities: only 'segment' is supported, got {', '.join(unsupported)}",
                        "invalid_value", "timestamp_granularities[]")
     filename = Path(upload.filename or "upload").name or "upload"
-    return {"model": model, "response_format": response_format, "language": language, "filename": filename}
+    prompt = (form.get("prompt") or "").strip() or None
+    return {"model": model, "response_format": response_format, "language": language, "filename": filename,
+            "prompt": prompt}
 
 
 async def _save_upload(upload, folder: Path) -> Path:

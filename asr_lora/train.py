@@ -188,7 +188,9 @@ class Trainer:
                                         pad_to_multiple_of=multiple, max_label_tokens=cfg.data.max_label_tokens,
                                         language=cfg.model.language, task=cfg.model.task, augment=wave_augment(cfg),
                                         # log-mel on the GPU, in the data path (never precomputed)
-                                        feature_device=acc.device if acc.device.type == "cuda" else None)
+                                        feature_device=acc.device if acc.device.type == "cuda" else None,
+                                        timestamp_probability=cfg.train.timestamp_probability,
+                                        prompt_probability=cfg.train.prompt_probability, seed=cfg.train.seed)
         self.trainable, self.total_params = trainable_parameters(model)
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
@@ -295,7 +297,8 @@ class Trainer:
         labels = batch["labels"].to(acc.device, non_blocking=True)
         mask = batch["attention_mask"].to(acc.device, non_blocking=True)  # each clip's real frames, for SpecAugment
         with acc.autocast():
-            out = self.model(input_features=features, attention_mask=mask, labels=labels, use_cache=False)
+            out = self.model(input_features=features, attention_mask=mask, labels=labels,
+                             **decoder_inputs(batch, acc.device))
         loss_sum, _ = token_loss_sum(out.logits, labels)
         # sum_gradients adds up the processes' gradients: the result is sum / total tokens of the step
         acc.backward(loss_sum / max(total_tokens, 1))
@@ -535,6 +538,14 @@ class Trainer:
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def decoder_inputs(batch: dict, device) -> dict:
+    """``decoder_input_ids`` of a batch whose labels start with a ``<|startofprev|>`` prompt (the model's
+    own shift of the labels would begin at ``<|startoftranscript|>``); nothing for any other batch."""
+    ids = batch.get("decoder_input_ids")
+    ids = {} if ids is None else {"decoder_input_ids": ids.to(device, non_blocking=True)}
+    return {"use_cache": False, **ids}
 
 
 def sum_gradients(acc, model) -> None:

@@ -27,6 +27,14 @@ empty (Whisper would invent a sentence for it). A decoded piece that Whisper its
 In ``json`` every segment says why it is empty (``skip_reason``) and carries ``no_speech_prob``,
 ``avg_logprob`` and ``compression_ratio`` when it was decoded.
 
+With ``DecodeOptions.timestamps`` (``--timestamps``) a decoded piece becomes the cues of the model's
+own timestamp tokens inside it (:attr:`~asr_lora.backends.Hypothesis.segments`), offset by the
+piece's start: finer cues than the pieces, within each piece, in order. ``DecodeOptions.prompt``
+(``--prompt``) goes before every piece; ``condition_on_previous_text`` adds the text of a file's
+previous piece after it (openai/whisper's option; pieces of a file are then decoded one after the
+other, and a piece that needed a temperature above 0.5 starts the chain afresh). It is off by
+default: one wrong or looping piece is fed to the next, and errors propagate.
+
 Output formats: ``txt`` (the whole text), ``srt`` and ``vtt`` (one cue per non-empty piece),
 ``json`` (text and segments), ``tsv`` (one row per segment: path, start, end, text).
 """
@@ -310,6 +318,22 @@ def inaudible(piece: np.ndarray, sr: int = SAMPLE_RATE) -> str | None:
     return "silence" if float(np.abs(piece).max()) < SILENT_PEAK else None
 
 
+def with_cues(segment: dict, hyp) -> list[dict]:
+    """A decoded piece's segment filled from its hypothesis: itself, or with timestamps
+    (``hyp.segments``) one segment per cue, offset by the piece's start, each with the piece's signals."""
+    segment = {**segment, "text": hyp.text, **hyp.to_json()}
+    if hyp.segments is None or not hyp.text:
+        return [segment]
+    start = segment["start"]
+    return [{**segment, "start": round(start + c["start"], 3), "end": round(start + c["end"], 3), "text": c["text"]}
+            for c in hyp.segments] or [segment]
+
+
+def expand_cues(segments: list[dict]) -> list[dict]:
+    """Segments with each piece that carries ``cues`` (from :func:`with_cues`) replaced by them."""
+    return [c for s in segments for c in (s.pop("cues") if "cues" in s else [s])]
+
+
 def transcribe_audio(audio: np.ndarray, decode: Callable[[list[np.ndarray]], list], split: str,
                      vad: bool = True) -> list[dict]:
     """Segments (``start``, ``end``, ``text``, and the decode signals or a ``skip_reason``) of one 16 kHz
@@ -321,8 +345,8 @@ def transcribe_audio(audio: np.ndarray, decode: Callable[[list[np.ndarray]], lis
     todo = [k for k, (_, _, reason) in enumerate(cuts) if reason is None]
     hyps = decode([audio[cuts[k][0]:cuts[k][1]] for k in todo]) if todo else []
     for k, hyp in zip(todo, hyps):
-        segments[k].update(text=hyp.text, **hyp.to_json())
-    return segments
+        segments[k]["cues"] = with_cues(segments[k], hyp)
+    return expand_cues(segments)
 
 
 def _load(item: Item, failures: list[Failure]) -> np.ndarray | None:
@@ -335,10 +359,12 @@ def _load(item: Item, failures: list[Failure]) -> np.ndarray | None:
 
 
 def transcribe_items(transcriber, items: list[Item], writer: Writer, *, batch_size: int = TRANSCRIBE_BATCH_SIZE,
-                     progress: bool = True, split: str = "auto", vad: bool = True) -> list[Failure]:
+                     progress: bool = True, split: str = "auto", vad: bool = True,
+                     condition_on_previous_text: bool = False) -> list[Failure]:
     """Transcribe ``items`` piece by piece in batches (pieces of several files share a batch),
     writing each transcript as soon as its last piece is done, in input order; returns the
-    items that could not be read (each reported on stderr). ``split``, ``vad``: see the module docstring."""
+    items that could not be read (each reported on stderr). ``split``, ``vad``,
+    ``condition_on_previous_text``: see the module docstring."""
     if split not in SPLITS:
         raise UserError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
     if split == "auto":
@@ -354,11 +380,13 @@ def transcribe_items(transcriber, items: list[Item], writer: Writer, *, batch_si
         if pending:
             hyps = transcriber.decode([audio for _, _, audio in pending])
             for (transcript, k, _), hyp in zip(pending, hyps):
-                transcript.segments[k].update(text=hyp.text, **hyp.to_json())
+                transcript.segments[k]["cues"] = with_cues(transcript.segments[k], hyp)
                 transcript.windows_left -= 1
             pending.clear()
         while unfinished and unfinished[0].windows_left == 0:
-            writer.write(unfinished.pop(0))
+            done = unfinished.pop(0)
+            done.segments = expand_cues(done.segments)
+            writer.write(done)
             bar.update(1)
 
     for item in items:
@@ -369,6 +397,10 @@ def transcribe_items(transcriber, items: list[Item], writer: Writer, *, batch_si
         cuts = pieces(audio, split, vad)
         transcript = Transcript(item, len(audio) / SAMPLE_RATE, windows_left=sum(r is None for *_, r in cuts))
         unfinished.append(transcript)
+        if condition_on_previous_text:
+            decode_in_order(transcriber, transcript, audio, cuts)
+            flush()
+            continue
         for k, (a, b, reason) in enumerate(cuts):
             segment = {"start": round(a / SAMPLE_RATE, 3), "end": round(b / SAMPLE_RATE, 3), "text": ""}
             transcript.segments.append(segment if reason is None else {**segment, "skip_reason": reason})
@@ -382,10 +414,27 @@ def transcribe_items(transcriber, items: list[Item], writer: Writer, *, batch_si
     return failures
 
 
+def decode_in_order(transcriber, transcript: Transcript, audio: np.ndarray, cuts: list) -> None:
+    """Decode a file's pieces one after the other, each prompted with the options' prompt and the
+    previous piece's text (condition_on_previous_text); the chain restarts after a piece decoded at a
+    temperature above 0.5 or left empty (openai/whisper's rule)."""
+    previous = ""
+    for k, (a, b, reason) in enumerate(cuts):
+        segment = {"start": round(a / SAMPLE_RATE, 3), "end": round(b / SAMPLE_RATE, 3), "text": ""}
+        if reason is not None:
+            transcript.segments.append({**segment, "skip_reason": reason})
+            continue
+        prompt = " ".join(p for p in (transcriber.options.prompt, previous) if p) or None
+        hyp = transcriber.decode([audio[a:b]], prompts=[prompt])[0]
+        transcript.segments.append({**segment, "cues": with_cues(segment, hyp)})
+        transcript.windows_left -= 1
+        previous = hyp.text if hyp.text and hyp.temperature <= 0.5 else ""
+
+
 def transcribe_paths(paths: list[str], source: ModelSource | None = None, options: DecodeOptions | None = None, *,
                      fmt: str = "txt", out: str | Path | None = None, batch_size: int = TRANSCRIBE_BATCH_SIZE,
                      progress: bool = True, stdout: TextIO | None = None, split: str = "auto",
-                     vad: bool = True) -> list[Failure]:
+                     vad: bool = True, condition_on_previous_text: bool = False) -> list[Failure]:
     """Transcribe files, folders and manifests (see the module docstring) with ``source`` (default:
     the bundled base); return the failures, each already reported on stderr."""
     from .sources import load_transcriber
@@ -404,7 +453,7 @@ def transcribe_paths(paths: list[str], source: ModelSource | None = None, option
         writer = Writer(fmt, out, transcriber.language, stdout)
         try:
             unreadable = transcribe_items(transcriber, items, writer, batch_size=batch_size, progress=progress,
-                                          split=split, vad=vad)
+                                          split=split, vad=vad, condition_on_previous_text=condition_on_previous_text)
         finally:
             writer.close()
         failures += unreadable

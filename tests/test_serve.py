@@ -323,6 +323,18 @@ def test_request_language_is_forced(server, clips, tiny_whisper, shipped):
     assert error_of(err)["param"] == "language"
 
 
+def test_request_prompt_is_the_initial_prompt(server, clips, tiny_whisper, shipped):
+    """The request's ``prompt`` is decoded as ``asr-lora transcribe --prompt`` decodes it (HF and CT2)."""
+    from asr_lora.sources import ModelSource, load_transcriber
+
+    client, prompt = server.client(), "카메라를 새로 샀어요"
+    audio = load_audio(clips["ko_finetune"])
+    for name, source in (("tiny", ModelSource("model", str(tiny_whisper))), ("Bc", ModelSource("ct2", str(shipped["Bc"])))):
+        prompted = transcribe(client, name, clips["ko_finetune"], prompt=prompt)
+        assert prompted.text == load_transcriber(source, greedy(prompt=prompt)).transcribe_batch([audio])[0]
+        assert prompted.text != transcribe(client, name, clips["ko_finetune"]).text
+
+
 # --------------------------------------------------------------------------- safety
 
 

@@ -198,8 +198,9 @@ def run_ddp(overrides: list[str], timeout: int = 600, probe: Path | None = None)
     return subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
          *target, "train", str(REPO / "recipes" / "demo" / "whisper-base_lora.yaml"),
-         # the demo's zero-shot pass and non-speech clips are not what these tests are about
-         "eval.zero_shot=false", "data.nonspeech_rate=0", "data.nonspeech_dev=null", *overrides, "--no-progress"],
+         # the demo's zero-shot pass, non-speech clips and timestamped labels are not what these tests are about
+         "eval.zero_shot=false", "data.nonspeech_rate=0", "data.nonspeech_dev=null", "train.timestamp_probability=0",
+         *overrides, "--no-progress"],
         capture_output=True, text=True, env=env, timeout=timeout, cwd=REPO)
 
 
@@ -454,7 +455,7 @@ def test_two_nodes_through_torchrun_rendezvous(tiny_whisper, small_data, tmp_pat
     common = [f"model.name={tiny_whisper}", "model.audio_context=trimmed", "model.gradient_checkpointing=false",
               "lora.r=4", "lora.alpha=8", "lora.dropout=0.0", f"data.train={train}", f"data.dev={dev}",
               "train.lr=1e-2", "train.warmup_steps=0", "eval.max_new_tokens=3", "eval.zero_shot=false",
-              "data.nonspeech_rate=0", "data.nonspeech_dev=null",
+              "data.nonspeech_rate=0", "data.nonspeech_dev=null", "train.timestamp_probability=0",
               "train.max_steps=2", "train.batch_seconds=8", "train.eval_every=2", "train.save_every=2"]
     out, port = tmp_path / "nodes", free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}

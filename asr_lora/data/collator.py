@@ -8,6 +8,14 @@ Labels are ``<|startoftranscript|><|ko|><|transcribe|><|notimestamps|> text <|en
 intended non-speech row Whisper's own ``<|startoftranscript|><|nospeech|><|endoftext|>``) with
 the leading ``<|startoftranscript|>`` dropped (the model prepends ``decoder_start_token_id`` when it
 shifts labels right), padded with -100 so padding never counts in the loss.
+
+Training batches (rows given with their ``(epoch, index)`` keys) may instead get, each with its own
+deterministic draw (:func:`asr_lora.prompting.draw`): timestamped labels
+``<|ko|><|transcribe|><|0.00|> text <|T|><|endoftext|>`` (``timestamp_probability``; ``T`` is the
+clip's duration on the 0.02 s grid), and a ``<|startofprev|>`` prompt of the row's ``prompt`` before
+``<|startoftranscript|>`` (``prompt_probability``), with -100 over the prompt (no loss on it) and the
+batch's ``decoder_input_ids`` given explicitly: the model's own shift of the labels would start at
+``<|startoftranscript|>`` and lose the prompt.
 """
 
 from __future__ import annotations
@@ -17,14 +25,16 @@ from typing import Any, Literal, Sequence
 
 import torch
 
-from ..audio import AudioError, log_mel_spectrogram
+from ..audio import SAMPLE_RATE, AudioError, log_mel_spectrogram
 from ..nospeech import no_speech_target
+from ..prompting import MAX_PROMPT_TOKENS, draw, prompt_ids, timestamp_id
 from ..trimmed import FRAME_MULTIPLE
 from .augment import frame_mask
 from .manifest import ManifestRow, load_row_audio
 
 IGNORE_INDEX = -100
 MAX_LABEL_TOKENS = 448  # Whisper's decoder positions
+MAX_CLIP_SECONDS = 30.0  # Whisper's window: a longer row (not from 'prepare') is skipped, not a crash
 
 
 @dataclass
@@ -46,6 +56,9 @@ class WhisperCollator:
     task: str = "transcribe"
     feature_device: str | torch.device | None = None
     augment: Any = None  # a WaveAugment (data/augment.py): training audio changed per row and position
+    timestamp_probability: float = 0.0  # training rows: share with timestamped labels (train.timestamp_probability)
+    prompt_probability: float = 0.0  # training rows with a prompt: share decoded after it (train.prompt_probability)
+    seed: int = 0  # of the per-row draws
     _prefix: list[int] = field(init=False, repr=False)
 
     def __post_init__(self):
@@ -68,22 +81,47 @@ class WhisperCollator:
         an intended non-speech row."""
         return list(self._no_speech) if row.nonspeech else self.label_ids(row.text)
 
-    def __call__(self, rows: Sequence[ManifestRow], positions: Sequence[tuple[int, int]] | None = None) -> dict:
-        """The batch of ``rows``; ``positions``: each row's (epoch, row index), which seeds ``augment``."""
-        audios, labels, ids, skipped = [], [], [], []
+    def training_sequence(self, row: ManifestRow, seconds: float, key: tuple[int, int]) -> tuple[list[int], int]:
+        """The full decoder sequence of a training row (``<|startofprev|> prompt`` first when drawn, then
+        ``<|startoftranscript|>`` ...) and how many leading tokens it has before ``<|startoftranscript|>``
+        (no loss on them). ``key``: the row's ``(epoch, index)``, which fixes its draws with ``seed``."""
+        sot = self._prefix[0]
+        if row.nonspeech:
+            return [sot, *self._no_speech], 0
+        text = self.tokenizer.encode(row.text.strip(), add_special_tokens=False)
+        main = [*self._prefix, *text, self.tokenizer.eos_token_id]
+        if self.timestamp_probability > 0 and draw(self.seed, *key, "timestamps") < self.timestamp_probability:
+            stamped = [*self._prefix[:3], timestamp_id(self.tokenizer, 0.0), *text,
+                       timestamp_id(self.tokenizer, seconds), self.tokenizer.eos_token_id]
+            main = stamped if len(stamped) <= self.max_label_tokens else main
+        prompt: list[int] = []
+        if row.prompt and self.prompt_probability > 0 and draw(self.seed, *key, "prompt") < self.prompt_probability:
+            room = min(MAX_PROMPT_TOKENS, self.max_label_tokens - len(main) - 1)  # -1: <|startofprev|>
+            prompt = prompt_ids(self.tokenizer, row.prompt, room)
+        return prompt + main, len(prompt)
+
+    def __call__(self, rows: Sequence[ManifestRow], keys: Sequence[tuple[int, int]] | None = None) -> dict:
+        """A batch of ``rows``; with ``keys`` (each row's ``(epoch, index)`` in training) the rows get
+        their waveform augmentation (``augment``) and their drawn timestamps and prompts
+        (:meth:`training_sequence`), all seeded by the key."""
+        audios, labels, ids, skipped, inputs = [], [], [], [], []
         for k, row in enumerate(rows):
             label = self.row_label(row)
             if len(label) + 1 > self.max_label_tokens:  # +1: the start token the model prepends
                 skipped.append((row.id, f"label has {len(label) + 1} tokens, more than {self.max_label_tokens}"))
                 continue
             try:
-                audio = load_row_audio(row)
+                audio = load_row_audio(row, max_seconds=MAX_CLIP_SECONDS)  # so a timestamp end is at most 30.00
             except AudioError as e:
                 skipped.append((row.id, str(e)))
                 continue
             if self.augment is not None:
-                audio = self.augment(audio, row, positions[k] if positions else None)
+                audio = self.augment(audio, row, keys[k] if keys else None)
             audios.append(torch.as_tensor(audio, dtype=torch.float32))
+            if keys is not None:
+                full, n_prompt = self.training_sequence(row, len(audio) / SAMPLE_RATE, keys[k])
+                label = [IGNORE_INDEX] * n_prompt + full[n_prompt + 1:]
+                inputs.append((full[:-1], n_prompt))
             labels.append(label)
             ids.append(row.id)
         batch: dict = {"ids": ids, "skipped": skipped}
@@ -99,4 +137,7 @@ class WhisperCollator:
         batch["attention_mask"] = frame_mask(n_frames, features.shape[-1])  # real frames: SpecAugment masks only these
         width = max(len(label) for label in labels)
         batch["labels"] = torch.tensor([label + [IGNORE_INDEX] * (width - len(label)) for label in labels])
+        if any(n_prompt for _, n_prompt in inputs):  # else the model's shift of the labels is the same
+            pad = self.tokenizer.eos_token_id
+            batch["decoder_input_ids"] = torch.tensor([d + [pad] * (width - len(d)) for d, _ in inputs])
         return batch

@@ -13,6 +13,14 @@ Audio stays where it is: rows point at the headerless 16 kHz s16le mono ``.pcm``
 duration comes from the file size alone. Transcripts are cleaned by
 :func:`asr_lora.text.clean_kspon_transcript` (the ETRI rules are listed in ``asr_lora/text.py``).
 
+With ``prompts``, each row gets a ``prompt``: the text of the utterance before it in the same session
+(:func:`session_of`), for ``train.prompt_probability``. KsponSpeech file names carry no dialogue id:
+utterances are numbered in recording order and stored 1000 to a numbered folder
+(``KsponSpeech_0001/KsponSpeech_000001.pcm`` ...), so a session here is a folder, and the previous
+utterance is the row just before in that folder (the first row of a folder has no prompt; a prompt
+may cross the boundary between two dialogues inside a folder, rarely: dialogues hold hundreds of
+utterances).
+
 Every problem is reported, never raised: missing or empty audio, undecodable transcripts,
 malformed lines, and noise-only utterances (not written unless ``keep_noise_only``) all land in
 ``OUT/prepare_report.json`` with their line numbers or paths. Manifests are written to a
@@ -214,6 +222,25 @@ def _ordered_parallel(fn: Callable, chunks: Iterable[list], workers: int) -> Ite
             yield pending.popleft().result()
 
 
+def session_of(row: dict) -> str:
+    """A row's session: the folder of its audio file (see the module docstring)."""
+    return os.path.dirname(row["audio"].replace("\\", "/"))
+
+
+class PreviousText:
+    """Fills ``prompt`` with the text of the previous row written in the same session."""
+
+    def __init__(self):
+        self.session, self.text = None, ""
+
+    def __call__(self, row: dict) -> dict:
+        session = session_of(row)
+        if session == self.session and self.text:
+            row = {**row, "prompt": self.text}
+        self.session, self.text = session, row["text"]
+        return row
+
+
 def _write_split(
     out: Path,
     split: str,
@@ -221,11 +248,13 @@ def _write_split(
     total: int,
     keep_noise_only: bool,
     progress: bool,
+    prompts: bool = False,
 ) -> dict:
     """Stream rows into ``OUT/split.jsonl`` (via ``.partial``) and return the split's stats."""
     final = out / f"{split}.jsonl"
     kept, seconds, odd = 0, 0.0, 0
     dropped, noise_ids = [], []
+    previous = PreviousText() if prompts else None
     with atomic_file(final) as f, tqdm(
         total=total, desc=f"kspon {split}", unit="utt", disable=not progress
     ) as bar:
@@ -239,6 +268,8 @@ def _write_split(
                     noise_ids.append(row["id"])
                     if not keep_noise_only:
                         continue
+                if previous is not None:
+                    row = previous(row)
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
                 kept += 1
                 seconds += row["duration"]
@@ -337,12 +368,14 @@ def prepare_kspon(
     workers: int | None = None,
     keep_noise_only: bool = False,
     progress: bool = True,
+    prompts: bool = False,
 ) -> dict:
     """Write ``OUT/{split}.jsonl`` and ``OUT/prepare_report.json`` for a KsponSpeech tree.
 
     ``side`` picks the spelling or pronunciation side of dual transcriptions. A split whose
     manifest exists and whose recorded source (trn path, size and mtime, or the walked folder
-    and file counts, plus side and keep_noise_only) is unchanged is skipped. Returns the report.
+    and file counts, plus side, keep_noise_only and prompts) is unchanged is skipped. ``prompts``: each
+    row's ``prompt`` is the previous utterance's text in its session (module docstring). Returns the report.
     """
     if side not in KSPON_SIDES:
         raise UserError(f"side must be one of {KSPON_SIDES}, got {side!r}")
@@ -353,7 +386,7 @@ def prepare_kspon(
     workers = workers or os.cpu_count() or 1
     report_path = out / REPORT_NAME
     previous = _load_report(report_path).get("splits", {})
-    settings = {"side": side, "keep_noise_only": keep_noise_only}
+    settings = {"side": side, "keep_noise_only": keep_noise_only, **({"prompts": True} if prompts else {})}
 
     has_trn = any((root / "scripts" / f"{s}.trn").is_file() for s in SPLITS)
     mode = "trn" if has_trn else "walk"
@@ -370,7 +403,7 @@ def prepare_kspon(
             worker = partial(plan.worker, str(root), str(out), side)
             pool_size = workers if total > CHUNK_SIZE else 1  # one chunk: no pool to start
             results = _ordered_parallel(worker, plan.chunks(), pool_size)
-            stats = _write_split(out, split, results, total, keep_noise_only, progress)
+            stats = _write_split(out, split, results, total, keep_noise_only, progress, prompts)
             report["splits"][split] = {"source": plan.source, "skipped": False, **stats}
         report["totals"] = _totals(report["splits"])
         _save_report(report_path, report)

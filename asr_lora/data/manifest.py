@@ -6,7 +6,9 @@ A manifest is JSON Lines, one utterance per line::
 
 ``audio`` (required) is relative to the manifest's folder or absolute; ``text`` (required) is the
 transcript; ``id``, ``duration`` (seconds), ``offset``/``end`` (seconds: a segment of a longer
-file) and ``language`` are optional; other fields are carried along untouched.
+file), ``language`` and ``prompt`` (the text said just before, e.g. the previous utterance of the
+same session: a ``<|startofprev|>`` prompt in training, ``train.prompt_probability``) are optional;
+other fields are carried along untouched.
 
 Other sources are read into the same rows (:func:`to_manifest_rows`):
 
@@ -93,6 +95,12 @@ class ManifestRow:
         by Whisper's no-speech token, never by CER."""
         return self.extra.get("nonspeech") is True
 
+    @property
+    def prompt(self) -> str | None:
+        """The optional ``prompt`` field: text said before this utterance (checked to be a string by
+        :func:`row_from_record`; carried in ``extra``, so every reader and ``prepare`` keep it)."""
+        return self.extra.get("prompt") or None
+
 
 class BadRow(NamedTuple):
     """A source line that is not a usable row: where, which audio (if known), why."""
@@ -163,6 +171,7 @@ def row_from_record(record: Mapping[str, Any], line: int, base: Path, from_text:
         numbers = {key: _number(key, record.get(key), from_text) for key in NUMBER_KEYS}
         row_id = _optional_str("id", record.get("id"), allow_int=True)
         language = _optional_str("language", record.get("language"))
+        _optional_str("prompt", record.get("prompt"))
     except ValueError as e:
         return BadRow(line, audio, "malformed_line", str(e))
     used = {audio_key, text_key, "id", "language", *NUMBER_KEYS}

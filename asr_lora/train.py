@@ -167,7 +167,7 @@ class Trainer:
             self.log(f"warning: {precision_warning}")
         if acc.is_main_process:
             self.run.open(fresh=self.resume is False)
-        self._seed_everything(cfg.train.seed)
+        seed_everything(cfg.train.seed)
         self.train_rows, self.dev_rows = training_rows(cfg)
         self.guard_rows = read_rows(cfg.data.guard)[0] if cfg.data.guard else []
 
@@ -524,13 +524,6 @@ class Trainer:
             (self.out / TEST_PAUSE_MARKER).write_text(f"{point}@{step}\n")
             time.sleep(600)
 
-    def _seed_everything(self, seed: int) -> None:
-        import numpy as np
-
-        random.seed(seed)
-        np.random.seed(seed)
-        torch.manual_seed(seed)
-
     def cleanup(self) -> None:
         if hasattr(self, "accelerator"):
             self.accelerator.end_training()
@@ -538,6 +531,15 @@ class Trainer:
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def seed_everything(seed: int) -> None:
+    """Python's, numpy's (SpecAugment's masks) and torch's global RNGs."""
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
 
 
 def decoder_inputs(batch: dict, device) -> dict:

@@ -217,6 +217,9 @@ def run_asr_lora(mode: str, steps: int, out: Path, args) -> dict:
         f"train.warmup_steps={max(1, steps // 10)}", f"data.train={args.train}",
         f"data.dev={REPO / 'data/demo/dev.jsonl'}", "eval.max_samples=2",  # dev is scored below, alike for all
         "eval.zero_shot=false", "train.report_to=none",
+        # like for like with the standard recipe: its LoRA, no non-speech rows, guard or timestamp labels
+        "lora.target_modules=[q_proj,v_proj]", "data.nonspeech_rate=0", "data.nonspeech_dev=null", "data.guard=null",
+        "train.timestamp_probability=0",
         *([f"train.batch_seconds={args.batch_seconds}"] if args.batch_seconds else []),
         *([f"train.num_workers={args.num_workers}"] if args.num_workers is not None else []),
     ])

@@ -301,7 +301,8 @@ class HFTranscriber(_Decoding):
     def _suppression(self) -> dict:
         """generate() arguments that apply the generation config's suppressed tokens from masks made once
         (:class:`SuppressTokens`) instead of transformers' processors, which rebuild a vocabulary-sized
-        mask with ``torch.isin`` at every decoding step (a third of a dev pass on CPU: BENCHMARKS.md)."""
+        mask with ``torch.isin`` at every decoding step (measured here: 48 ms a step for the ~90 suppressed
+        tokens of the real base's vocabulary, on a loaded CPU; 6 ms with the masks)."""
         if not hasattr(self, "_suppress"):
             config = self.whisper.generation_config
             self._suppress = SuppressTokens(config.suppress_tokens or [], config.begin_suppress_tokens or [])

@@ -302,7 +302,8 @@ class HFTranscriber(_Decoding):
         """generate() arguments that apply the generation config's suppressed tokens from masks made once
         (:class:`SuppressTokens`) instead of transformers' processors, which rebuild a vocabulary-sized
         mask with ``torch.isin`` at every decoding step (measured here: 48 ms a step for the ~90 suppressed
-        tokens of the real base's vocabulary, on a loaded CPU; 14 ms with the masks and the two now-empty processors)."""
+        tokens of the real base's vocabulary, on a loaded CPU; 14 ms with the masks and the two processors
+        transformers still adds, now empty)."""
         if not hasattr(self, "_suppress"):
             config = self.whisper.generation_config
             self._suppress = SuppressTokens(config.suppress_tokens or [], config.begin_suppress_tokens or [])

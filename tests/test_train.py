@@ -165,7 +165,10 @@ def test_every_recipe_validates(path):
     cfg = load_recipe(path)
     first = path.read_text(encoding="utf-8").splitlines()[0]
     assert first.startswith("# asr-lora train ") and str(path.relative_to(REPO)) in first
-    assert cfg.lora.target_modules == ["q_proj", "v_proj"]
+    if path.parent.name == "kspon":  # the product's Whisper-large recipes: LoRA on q_proj/v_proj, as the default
+        assert cfg.lora.target_modules == ["q_proj", "v_proj"] == load_recipe(None).lora.target_modules
+    else:  # the CPU demo on whisper-base adapts every projection (test CER 0.08 vs 0.13 on q/v only: README)
+        assert path.parent.name == "demo" and {"q_proj", "v_proj"} <= set(cfg.lora.target_modules)
 
 
 def test_recipes_exist():

@@ -439,7 +439,8 @@ def eval_asr_lora(adapter: str, args) -> dict:
     from asr_lora.evaluate import evaluate_rows
     from asr_lora.sources import ModelSource, load_transcriber
 
-    options = DecodeOptions(max_new_tokens=128, bound_by_reference=True)  # as training's dev evaluation
+    # as training's dev evaluation: greedy once (no temperature fallback), capped by the references
+    options = DecodeOptions(max_new_tokens=128, bound_by_reference=True, temperatures=(0.0,))
     transcriber = load_transcriber(ModelSource("adapter", adapter), options)
     rows = read_rows(REPO / "data/demo/dev.jsonl")[0]
     evaluate_rows(transcriber, rows[:4], batch_size=4)  # warm-up
@@ -447,8 +448,8 @@ def eval_asr_lora(adapter: str, args) -> dict:
     for size in args.eval_batch_sizes:
         result = evaluate_rows(transcriber, rows, batch_size=size)
         by_batch[str(size)] = {"seconds": result.seconds, "cer": result.report.cer}
-    spent = {"encode": 0.0, "decode": 0.0, "steps": 0, "tokens": 0}
-    encode, generate = transcriber.encode, transcriber.generate_ids
+    spent = {"encode": 0.0, "decode": 0.0, "no_speech": 0.0, "steps": 0, "tokens": 0}
+    encode, generate, no_speech = transcriber.encode, transcriber._generate, transcriber.no_speech_probs
 
     def timed_encode(audios):
         t0 = time.perf_counter()
@@ -456,15 +457,21 @@ def eval_asr_lora(adapter: str, args) -> dict:
         spent["encode"] += time.perf_counter() - t0
         return out
 
-    def timed_generate(audios, encoded=None, cap=None):
+    def timed_generate(*a, **k):  # every generate call of the decode path
         t0 = time.perf_counter()
-        ids = generate(audios, encoded, cap)
+        out = generate(*a, **k)
         spent["decode"] += time.perf_counter() - t0
-        spent["steps"] += decoder_steps(ids, transcriber.tokenizer)
-        spent["tokens"] += text_tokens(ids, transcriber.tokenizer)
-        return ids
+        spent["steps"] += decoder_steps(out.sequences, transcriber.tokenizer)
+        spent["tokens"] += text_tokens(out.sequences, transcriber.tokenizer)
+        return out
 
-    transcriber.encode, transcriber.generate_ids = timed_encode, timed_generate
+    def timed_no_speech(*a, **k):  # the one decoder step that reads the no-speech probability
+        t0 = time.perf_counter()
+        out = no_speech(*a, **k)
+        spent["no_speech"] += time.perf_counter() - t0
+        return out
+
+    transcriber.encode, transcriber._generate, transcriber.no_speech_probs = timed_encode, timed_generate, timed_no_speech
     result = evaluate_rows(transcriber, rows, batch_size=args.eval_batch_sizes[0])
     spent.update(total=result.seconds, batch_size=args.eval_batch_sizes[0])
     main = by_batch.get(str(args.batch_size), by_batch[str(args.eval_batch_sizes[0])])
@@ -477,7 +484,8 @@ def score_adapter(adapter: str, manifest: Path, args) -> dict:
     from asr_lora.evaluate import evaluate_rows
     from asr_lora.sources import ModelSource, load_transcriber
 
-    options = DecodeOptions(max_new_tokens=128, bound_by_reference=True)  # as training's dev evaluation
+    # as training's dev evaluation: greedy once (no temperature fallback), capped by the references
+    options = DecodeOptions(max_new_tokens=128, bound_by_reference=True, temperatures=(0.0,))
     transcriber = load_transcriber(ModelSource("adapter", adapter), options)
     result = evaluate_rows(transcriber, read_rows(manifest)[0], batch_size=args.batch_size)
     return {"cer": result.report.cer, "seconds": result.seconds}
@@ -693,10 +701,12 @@ def eval_markdown(results: dict) -> str:
         default = " (`eval.batch_size` default)" if int(size) == 16 else ""
         lines.append(f"| asr-lora (`evaluate_rows`, trimmed){default} | trimmed, from audio | {size} | {r['seconds']:.1f} s "
                      f"| **{stock / r['seconds']:.1f}x** | {r['cer']:.4f} | {steps} |")
-    rest = split["total"] - split["encode"] - split["decode"]
+    no_speech = split.get("no_speech", 0.0)
+    rest = split["total"] - split["encode"] - split["decode"] - no_speech
     lines += ["", f"Where asr-lora's pass goes (one more pass at batch {split['batch_size']}, "
               f"{split['total']:.1f} s): greedy decoding {split['decode']:.1f} s "
-              f"({100 * split['decode'] / split['total']:.0f}%), log-mel and encoder {split['encode']:.1f} s "
+              f"({100 * split['decode'] / split['total']:.0f}%), the no-speech probability step {no_speech:.1f} s "
+              f"({100 * no_speech / split['total']:.0f}%), log-mel and encoder {split['encode']:.1f} s "
               f"({100 * split['encode'] / split['total']:.0f}%), audio loading, batching and scoring {rest:.1f} s "
               f"({100 * rest / split['total']:.0f}%). Decoding steps: summed over batches (a batch decodes until "
               "its last clip ends); text tokens: those of the hypotheses (end of text and padding left out). asr-lora's "

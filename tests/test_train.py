@@ -208,7 +208,7 @@ def run_ddp(overrides: list[str], timeout: int = 600, probe: Path | None = None)
          # the demo's zero-shot pass, non-speech clips, timestamped labels and augmentation are not what these
          # tests are about (SpecAugment draws from each process's own numpy RNG: 2 ranks mask other frames than 1)
          "eval.zero_shot=false", "data.nonspeech_rate=0", "data.nonspeech_dev=null", "train.timestamp_probability=0",
-         *AUGMENT_OFF,
+         *AUGMENT_OFF, "lora.target_modules=[q_proj,v_proj]",  # the default, as the single-process runs here
          *overrides, "--no-progress"],
         capture_output=True, text=True, env=env, timeout=timeout, cwd=REPO)
 
@@ -465,7 +465,7 @@ def test_two_nodes_through_torchrun_rendezvous(tiny_whisper, small_data, tmp_pat
               "lora.r=4", "lora.alpha=8", "lora.dropout=0.0", f"data.train={train}", f"data.dev={dev}",
               "train.lr=1e-2", "train.warmup_steps=0", "eval.max_new_tokens=3", "eval.zero_shot=false",
               "data.nonspeech_rate=0", "data.nonspeech_dev=null", "train.timestamp_probability=0", *AUGMENT_OFF,
-              "train.max_steps=2", "train.batch_seconds=8", "train.eval_every=2", "train.save_every=2"]
+              "lora.target_modules=[q_proj,v_proj]", "train.max_steps=2", "train.batch_seconds=8", "train.eval_every=2", "train.save_every=2"]
     out, port = tmp_path / "nodes", free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     node = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",

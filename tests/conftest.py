@@ -12,6 +12,14 @@ ASSETS = Path(__file__).resolve().parent / "assets"
 DEMO = REPO / "data" / "demo"
 
 
+def demo_rows(split: str, n: int) -> list[dict]:
+    """The first ``n`` rows of the demo corpus's ``split`` manifest, audio paths made absolute."""
+    rows = [json.loads(line) for line in (DEMO / f"{split}.jsonl").read_text(encoding="utf-8").splitlines()][:n]
+    for r in rows:
+        r["audio"] = str(DEMO / r["audio"])
+    return rows
+
+
 def write_manifest(path: Path, rows: list[dict]) -> str:
     """A JSONL manifest of ``rows`` at ``path`` (folders created); returns its path as a string."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -13,7 +13,7 @@ from asr_lora.audio import SAMPLE_RATE, load_audio
 from asr_lora.data.collator import IGNORE_INDEX, WhisperCollator
 from asr_lora.prompting import MAX_PROMPT_TOKENS, draw, prompt_ids, timestamp_id, timestamp_segments
 
-from .conftest import ASSETS, DEMO, make_row, write_manifest
+from .conftest import ASSETS, DEMO, demo_rows, make_row, write_manifest
 
 GREETING = ASSETS / "ko_greeting.flac"
 PROMPT = "카메라를 새로 샀어요"
@@ -184,16 +184,10 @@ def prompted_data(tmp_path_factory):
     """8 demo train rows, each with the previous row's text as its prompt, and 3 dev rows."""
     folder = tmp_path_factory.mktemp("prompted")
 
-    def take(split, n):
-        rows = [json.loads(line) for line in (DEMO / f"{split}.jsonl").read_text(encoding="utf-8").splitlines()][:n]
-        for r in rows:
-            r["audio"] = str(DEMO / r["audio"])
-        return rows
-
-    train = take("train", 8)
+    train = demo_rows("train", 8)
     for before, row in zip(train, train[1:]):
         row["prompt"] = before["text"]
-    return write_manifest(folder / "train.jsonl", train), write_manifest(folder / "dev.jsonl", take("dev", 3))
+    return write_manifest(folder / "train.jsonl", train), write_manifest(folder / "dev.jsonl", demo_rows("dev", 3))
 
 
 def test_training_with_timestamps_and_prompts_resumes_exactly(tiny_whisper, prompted_data, tmp_path, monkeypatch):

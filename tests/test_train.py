@@ -13,7 +13,7 @@ from asr_lora.runfolder import latest_checkpoint
 from asr_lora.data.samplers import length_grouped_batches
 from asr_lora.train import Trainer, run_training
 
-from .conftest import DEMO, REPO, write_manifest
+from .conftest import DEMO, REPO, demo_rows, write_manifest
 
 
 @pytest.fixture(scope="module")
@@ -21,13 +21,7 @@ def small_data(tmp_path_factory):
     """8 train rows and 3 dev rows from the demo corpus, audio paths made absolute."""
     folder = tmp_path_factory.mktemp("data")
 
-    def take(split, n):
-        rows = [json.loads(line) for line in (DEMO / f"{split}.jsonl").read_text(encoding="utf-8").splitlines()][:n]
-        for r in rows:
-            r["audio"] = str(DEMO / r["audio"])
-        return rows
-
-    return write_manifest(folder / "train.jsonl", take("train", 8)), write_manifest(folder / "dev.jsonl", take("dev", 3))
+    return write_manifest(folder / "train.jsonl", demo_rows("train", 8)), write_manifest(folder / "dev.jsonl", demo_rows("dev", 3))
 
 
 def recipe(tiny_whisper, small_data, out, *extra):

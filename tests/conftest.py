@@ -12,6 +12,16 @@ ASSETS = Path(__file__).resolve().parent / "assets"
 DEMO = REPO / "data" / "demo"
 
 
+def load_script(name: str):
+    """``scripts/<name>.py`` imported as a module (the scripts folder is not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def demo_rows(split: str, n: int) -> list[dict]:
     """The first ``n`` rows of the demo corpus's ``split`` manifest, audio paths made absolute."""
     rows = [json.loads(line) for line in (DEMO / f"{split}.jsonl").read_text(encoding="utf-8").splitlines()][:n]

@@ -4,7 +4,6 @@ cer.png and the report."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -16,7 +15,7 @@ from asr_lora.audio import SAMPLE_RATE, load_audio
 from asr_lora.config import ConfigError, load_recipe
 from asr_lora.train import TrainerState, is_better, limit_breaches, run_training, update_best
 
-from .conftest import DEMO, REPO, write_manifest
+from .conftest import DEMO, REPO, load_script, write_manifest
 from .test_train import recipe, run_ddp, small_data  # noqa: F401  (small_data is a fixture)
 
 GUARD = DEMO / "guard_en.jsonl"
@@ -193,10 +192,7 @@ def test_ddp_shards_the_guard_and_gathers_it(tiny_whisper, small_data, tmp_path)
 
 @pytest.fixture(scope="module")
 def script():
-    spec = importlib.util.spec_from_file_location("make_guard", REPO / "scripts" / "make_guard.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("make_guard")
 
 
 def test_demo_guard_set_rows_audio_and_size(script):

@@ -3,7 +3,6 @@ generators, the long-form builder (speech with non-speech gaps, reference segmen
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from collections import Counter
 
@@ -12,15 +11,12 @@ import pytest
 
 from asr_lora.audio import SAMPLE_RATE, load_audio
 
-from .conftest import DEMO, REPO
+from .conftest import DEMO, load_script
 
 
 @pytest.fixture(scope="module")
 def script():
-    spec = importlib.util.spec_from_file_location("make_nonspeech", REPO / "scripts" / "make_nonspeech.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("make_nonspeech")
 
 
 def rows(split: str) -> list[dict]:

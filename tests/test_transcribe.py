@@ -15,7 +15,7 @@ from asr_lora.audio import SAMPLE_RATE, load_audio
 from asr_lora.cli import main
 from asr_lora.transcribe import Item, Writer, _timestamp, pause_points, split_points, transcribe_items
 
-from .conftest import ASSETS, REPO
+from .conftest import ASSETS, load_script
 from .test_export import clips_manifest, make_adapter
 
 TOKENS = "3"
@@ -314,12 +314,7 @@ def test_zero_length_audio_is_a_reported_failure_not_an_empty_transcript(tiny_wh
 def test_long_form_with_noise_and_music_gaps_gets_no_cue_inside_the_gaps(tiny_whisper, tmp_path, capsys):
     """Speech clips with non-speech (noise, tones, music-like) between them: VAD leaves the gaps
     undecoded (JSON says why), so no cue lies inside a gap, whatever the model would invent there."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("make_nonspeech", REPO / "scripts" / "make_nonspeech.py")
-    make_nonspeech = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(make_nonspeech)
-    audio, speech = make_nonspeech.build_longform(seconds=60.0, seed=1)
+    audio, speech = load_script("make_nonspeech").build_longform(seconds=60.0, seed=1)
     path = tmp_path / "longform.wav"
     sf.write(path, audio, SAMPLE_RATE)
     for fmt in ("srt", "json"):

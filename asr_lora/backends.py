@@ -25,6 +25,7 @@ and each hypothesis gets ``segments``: the model's own timestamped spans inside 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Protocol
@@ -48,6 +49,7 @@ from .settings import ModelSettings
 from .trimmed import audio_context_of, feature_padding
 
 PROMPT_LENGTH = 4  # <|startoftranscript|><|lang|><|task|><|notimestamps|>
+
 FALLBACK_TEMPERATURES = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)  # openai/whisper's and faster-whisper's
 SAMPLING_SEED = 0  # temperature fallback samples with a fixed seed: the same input gives the same text
 
@@ -198,6 +200,18 @@ class _Decoding:
         return hyps
 
 
+@functools.cache
+def _cache_arg() -> str:
+    """The keyword of a key/value cache in Whisper's forward and generate: ``cache`` in the transformers 5
+    releases that deprecated ``past_key_values`` (still taken, with a warning), else ``past_key_values``."""
+    import inspect
+
+    from transformers import WhisperForConditionalGeneration
+
+    return "cache" if "cache" in inspect.signature(WhisperForConditionalGeneration.forward).parameters \
+        else "past_key_values"
+
+
 def _seconds(audios: list[np.ndarray]) -> list[float]:
     return [len(a) / SAMPLE_RATE for a in audios]
 
@@ -237,6 +251,34 @@ class SuppressTokens:
         if self.begin_suppress and input_ids.shape[-1] == self.begin_index:
             scores = scores.masked_fill(self._mask("begin_suppress", scores), -float("inf"))
         return scores
+
+
+def column_major_decoder(model) -> Callable[[], None]:
+    """On a CPU, store the frozen float weights of the decoder's linear layers and of the output
+    projection column-major (same values, same shapes), and return a function that restores them.
+
+    A decoding step multiplies a few rows (one per clip) by each weight. For that shape PyTorch's CPU
+    GEMM is about twice as fast on a column-major weight as on ``nn.Linear``'s row-major one (measured
+    here at batch 8, one thread: 35 ms against 16 ms for whisper-base's 51,865 x 512 output projection;
+    at batch 16 and above the row-major path is fine). Results are the same up to summation order.
+    Quantized layers, the encoder and GPU models are left alone. Inference models keep the layout;
+    training switches it for its evaluation pass and back (a copy each way, values unchanged)."""
+    import torch
+
+    whisper = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if next(whisper.parameters()).device.type != "cpu":
+        return lambda: None
+    layers = [m for m in whisper.model.decoder.modules() if type(m) is torch.nn.Linear] + [whisper.proj_out]
+    weights = {id(m.weight): m.weight for m in layers if type(m) is torch.nn.Linear}.values()
+    moved = [w for w in weights if w.is_floating_point() and w.dim() == 2 and w.is_contiguous()]
+    for w in moved:
+        w.data = w.data.t().contiguous().t()
+
+    def restore() -> None:
+        for w in moved:
+            w.data = w.data.contiguous()
+
+    return restore
 
 
 class HFTranscriber(_Decoding):
@@ -285,7 +327,9 @@ class HFTranscriber(_Decoding):
     def _text(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
-    def _generate(self, encoded, cap: int | None = None, temperature: float = 0.0, prompt: list[int] | None = None):
+    def _generate(self, encoded, cap: int | None = None, temperature: float = 0.0, prompt: list[int] | None = None,
+                  cache=None):
+        """``generate`` from encoder outputs; ``cache``: the :meth:`_first_step` cache to go on from."""
         import torch
 
         sampling = {"do_sample": True, "temperature": temperature, "top_k": 0} if temperature > 0 else \
@@ -294,6 +338,8 @@ class HFTranscriber(_Decoding):
             sampling["prompt_ids"] = torch.tensor(prompt, device=self.device)
         if self.options.timestamps:  # one generate call, its usual outputs (not transformers' long-form segments)
             sampling.update(return_timestamps=True, force_unique_generate_call=True)
+        if cache is not None:
+            sampling[_cache_arg()] = cache
         with torch.no_grad():
             return self.model.generate(encoder_outputs=encoded, language=self.language, task=self.task,
                                        max_new_tokens=cap or self.options.max_new_tokens, use_cache=True,
@@ -315,21 +361,30 @@ class HFTranscriber(_Decoding):
 
     def no_speech_probs(self, encoded, prompt: list[int] | None = None) -> list[float]:
         """Probability of the no-speech token after ``<|startoftranscript|>``, per clip (raw logits)."""
+        return self._first_step(encoded, prompt)[0]
+
+    def _first_step(self, encoded, prompt: list[int] | None = None) -> tuple[list[float], object]:
+        """One decoder step over ``[*prompt, <|startoftranscript|>]``: the no-speech probabilities, and
+        its key/value cache (cross-attention included), from which greedy decoding goes on instead of
+        computing those again."""
         import torch
+        from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
         from .nospeech import no_speech_prob
 
         n, prompt = encoded.last_hidden_state.shape[0], list(prompt or [])
         start = torch.tensor([[*prompt, self.sot_id]] * n, dtype=torch.long, device=encoded.last_hidden_state.device)
+        cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
         with torch.no_grad():
-            logits = self.model(encoder_outputs=encoded, decoder_input_ids=start, use_cache=False).logits
-        return no_speech_prob(logits, self.no_speech_id, sot_index=len(prompt)).tolist()
+            out = self.model(encoder_outputs=encoded, decoder_input_ids=start, use_cache=True, **{_cache_arg(): cache})
+        return no_speech_prob(out.logits, self.no_speech_id, sot_index=len(prompt)).tolist(), cache
 
     def _hypotheses(self, encoded, cap: int, temperature: float, no_speech: list[float],
-                    prompt: list[int] | None = None, durations: list[float] | None = None) -> list[Hypothesis]:
+                    prompt: list[int] | None = None, durations: list[float] | None = None,
+                    cache=None) -> list[Hypothesis]:
         from .nospeech import avg_logprob
 
-        out = self._generate(encoded, cap, temperature, prompt)
+        out = self._generate(encoded, cap, temperature, prompt, cache)
         eos = self.whisper.generation_config.eos_token_id
         generated = out.sequences[:, out.sequences.shape[1] - len(out.scores):]
         if self.options.num_beams > 1 and temperature == 0:
@@ -371,7 +426,8 @@ class HFTranscriber(_Decoding):
         import torch
         from transformers.modeling_outputs import BaseModelOutput
 
-        no_speech = self.no_speech_probs(encoded, prompt)
+        no_speech, cache = self._first_step(encoded, prompt)
+        cache = cache if self.options.num_beams == 1 else None  # beam search expands its own cache
 
         def redecode(idx: list[int], temperature: float) -> list[Hypothesis]:
             subset = BaseModelOutput(last_hidden_state=encoded.last_hidden_state[idx])
@@ -381,7 +437,7 @@ class HFTranscriber(_Decoding):
                 return self._hypotheses(subset, cap, temperature, [no_speech[i] for i in idx], prompt,
                                         [seconds[i] for i in idx])
 
-        return self._judge(self._hypotheses(encoded, cap, 0.0, no_speech, prompt, seconds), redecode)
+        return self._judge(self._hypotheses(encoded, cap, 0.0, no_speech, prompt, seconds, cache), redecode)
 
 
 class CT2Transcriber(_Decoding):

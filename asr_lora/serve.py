@@ -204,7 +204,7 @@ def _load_adapter_group(base: str, base_name: str, adapters: list[ModelSpec], op
     import torch
     from peft import PeftModel
 
-    from .backends import HFTranscriber
+    from .backends import HFTranscriber, column_major_decoder
     from .model import load_base_for_training, load_processor
     from .settings import ModelSettings, read_settings
     from .trimmed import apply_audio_context
@@ -215,6 +215,7 @@ def _load_adapter_group(base: str, base_name: str, adapters: list[ModelSpec], op
     for i, spec in enumerate(adapters[1:], start=1):
         peft_model.load_adapter(spec.path, adapter_name=f"adapter{i}", is_trainable=False)
     peft_model.eval()
+    column_major_decoder(peft_model)  # decoding only from here on
     tokenizer = load_processor(base).tokenizer
     engine = Engine(base_name, peft_model)
     served = []

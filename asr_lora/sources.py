@@ -135,11 +135,12 @@ def load_hf(source: ModelSource, *, dtype=None, device: str | None = None):
 def load_transcriber(source: ModelSource, options=None, *, device: str | None = None, dtype=None,
                      compute_type: str = "default"):
     """A transcriber (:mod:`asr_lora.backends`) for ``source``, decoding as ``options`` say."""
-    from .backends import CT2Transcriber, DecodeOptions, HFTranscriber
+    from .backends import CT2Transcriber, DecodeOptions, HFTranscriber, column_major_decoder
 
     options = options or DecodeOptions()
     if source.kind == "ct2":
         source.check()
         return CT2Transcriber(Path(source.path), source.settings(), options, device=device, compute_type=compute_type)
     model, processor, settings = load_hf(source, dtype=dtype, device=device)
+    column_major_decoder(model)  # decoding only from here on
     return HFTranscriber(model, processor.tokenizer, settings, options, str(source))

@@ -381,7 +381,7 @@ class Trainer:
         untouched base (LoRA starts as a no-op) in its native 30 s context, before any step."""
         from dataclasses import replace
 
-        from .backends import HFTranscriber
+        from .backends import HFTranscriber, column_major_decoder
         from .evaluate import NothingToEvaluate, evaluate_rows
         from .trimmed import apply_audio_context
 
@@ -391,6 +391,7 @@ class Trainer:
                                     replace(self.settings, audio_context=context), self.eval_options, "training")
         shard = self.dev_rows[acc.process_index::acc.num_processes]
         start, result, why = time.perf_counter(), None, "no dev rows"
+        restore_layout = column_major_decoder(model)  # faster decoding steps on a CPU; training's layout after
         try:
             guard, guard_lines = evaluate_guard(transcriber, self.guard_rows, cfg.data.guard_language, acc, cfg.eval)
             result = evaluate_rows(transcriber, shard, batch_size=cfg.eval.batch_size, loss=self._eval_loss,
@@ -398,6 +399,7 @@ class Trainer:
         except NothingToEvaluate as e:
             why = str(e)  # this shard was unreadable; others may not be: decide together
         finally:
+            restore_layout()
             apply_audio_context(model, cfg.model.audio_context)
         if acc.num_processes > 1:
             result = gather_results(result, shard, why)

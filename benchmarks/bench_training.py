@@ -449,7 +449,7 @@ def eval_asr_lora(adapter: str, args) -> dict:
         result = evaluate_rows(transcriber, rows, batch_size=size)
         by_batch[str(size)] = {"seconds": result.seconds, "cer": result.report.cer}
     spent = {"encode": 0.0, "decode": 0.0, "no_speech": 0.0, "steps": 0, "tokens": 0}
-    encode, generate, no_speech = transcriber.encode, transcriber._generate, transcriber.no_speech_probs
+    encode, generate, first_step = transcriber.encode, transcriber._generate, transcriber._first_step
 
     def timed_encode(audios):
         t0 = time.perf_counter()
@@ -465,13 +465,13 @@ def eval_asr_lora(adapter: str, args) -> dict:
         spent["tokens"] += text_tokens(out.sequences, transcriber.tokenizer)
         return out
 
-    def timed_no_speech(*a, **k):  # the one decoder step that reads the no-speech probability
+    def timed_first_step(*a, **k):  # the decoder step that reads the no-speech probability (greedy goes on from it)
         t0 = time.perf_counter()
-        out = no_speech(*a, **k)
+        out = first_step(*a, **k)
         spent["no_speech"] += time.perf_counter() - t0
         return out
 
-    transcriber.encode, transcriber._generate, transcriber.no_speech_probs = timed_encode, timed_generate, timed_no_speech
+    transcriber.encode, transcriber._generate, transcriber._first_step = timed_encode, timed_generate, timed_first_step
     result = evaluate_rows(transcriber, rows, batch_size=args.eval_batch_sizes[0])
     spent.update(total=result.seconds, batch_size=args.eval_batch_sizes[0])
     main = by_batch.get(str(args.batch_size), by_batch[str(args.eval_batch_sizes[0])])

@@ -201,3 +201,35 @@ def test_decoding_with_precomputed_suppression_is_unchanged(bundled_base):
     theirs = transcriber.decode(audios)
     assert [h.text for h in ours] == [h.text for h in theirs]
     assert [h.avg_logprob for h in ours] == pytest.approx([h.avg_logprob for h in theirs], abs=1e-5)
+
+
+def test_column_major_decoder_keeps_hypotheses_and_restores_exactly(bundled_base):
+    """Decoding with the decoder's weights column-major (the CPU layout of load_transcriber and of
+    training's evaluation pass) gives the same hypotheses and log-probs; restoring gives back the very
+    same row-major tensors; the encoder's weights are never touched."""
+    import torch
+
+    from asr_lora.backends import DecodeOptions, HFTranscriber, column_major_decoder
+    from asr_lora.data.manifest import load_row_audio, read_rows
+    from asr_lora.model import load_model, load_processor
+    from asr_lora.settings import ModelSettings
+
+    rows, _ = read_rows(Path(__file__).resolve().parents[1] / "data" / "demo" / "dev.jsonl")
+    audios = [load_row_audio(r) for r in rows[:4]]
+    model = load_model(str(bundled_base)).eval()
+    options = DecodeOptions(language="ko", task="transcribe", max_new_tokens=12, temperatures=(0.0,))
+    transcriber = HFTranscriber(model, load_processor(str(bundled_base)).tokenizer,
+                                ModelSettings(audio_context="full"), options)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    row_major = transcriber.decode(audios)
+    restore = column_major_decoder(model)
+    head = model.proj_out.weight
+    assert head.stride() == (1, head.shape[0]) and model.model.decoder.layers[1].fc2.weight.stride()[0] == 1
+    assert model.model.encoder.layers[0].fc1.weight.is_contiguous()
+    column_major = transcriber.decode(audios)
+    restore()
+    assert [h.text for h in column_major] == [h.text for h in row_major]
+    assert [h.avg_logprob for h in column_major] == pytest.approx([h.avg_logprob for h in row_major], abs=1e-4)
+    assert [h.no_speech_prob for h in column_major] == pytest.approx([h.no_speech_prob for h in row_major], abs=1e-5)
+    for name, p in model.named_parameters():
+        assert p.is_contiguous() and torch.equal(p, before[name]), name

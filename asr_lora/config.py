@@ -139,6 +139,12 @@ class TrainConfig:
         0.0, "share of training utterances with a manifest 'prompt' (the previous text) that are decoded after "
         "it as a <|startofprev|> prompt, with no loss on the prompt: keeps prompt following (distil-whisper's "
         "condition_on_prev_probability, 0.2)")
+    nonspeech_forced_probability: float = doc(
+        0.0, "share of non-speech training rows (data.nonspeech) read after the forced <|lang|><|transcribe|> "
+        "prefix, as decoders that force the language see them (faster-whisper, asr-lora), with a uniform target "
+        "at the first text position: the model learns to be unsure of any text there, so the no-speech rule "
+        "(no_speech_prob high AND avg_logprob low) fires (outlier exposure). The others keep Whisper's "
+        "<|nospeech|> target, and no row learns the language token after non-speech")
     report_to: list[Literal["tensorboard", "wandb", "mlflow", "none"]] = doc(
         ["tensorboard"], "trackers (accelerate) for training loss, lr, step time, tokens/s and every dev metric: "
         "tensorboard (in <output_dir>/tb), wandb, mlflow, or none")
@@ -157,7 +163,7 @@ class TrainConfig:
         for name in ("max_nonspeech_share", "max_guard_wer"):
             if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise ConfigError(f"train.{name} must be 0 or more (or null: no limit), got {getattr(self, name)}")
-        for name in ("timestamp_probability", "prompt_probability"):
+        for name in ("timestamp_probability", "prompt_probability", "nonspeech_forced_probability"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ConfigError(f"train.{name} must be in 0..1, got {getattr(self, name)}")
         for tracker in self.report_to:

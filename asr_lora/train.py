@@ -59,6 +59,7 @@ import yaml
 
 from .config import ConfigError, EvalConfig, RecipeConfig, TrainConfig, to_dict
 from .data.augment import apply_spec_augment, host_rng_state, restore_host_rng_state, wave_augment
+from .data.collator import UNSURE_INDEX, WhisperCollator
 from .data.loader import next_batches
 from .errors import TrainingError, UserError
 from .runfolder import TRAINER_STATE, RunFolder, latest_checkpoint, step_name
@@ -91,10 +92,17 @@ class TrainerState:
 
 
 def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Summed cross-entropy over label tokens (-100 ignored) and the number of tokens counted."""
-    loss = torch.nn.functional.cross_entropy(
-        logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="sum"
-    )
+    """Summed cross-entropy over label tokens (-100 ignored) and the number of tokens counted. A label
+    of ``UNSURE_INDEX`` targets the uniform distribution over the vocabulary (the cross-entropy to it is
+    ``logsumexp(z) - mean(z)``): a forced non-speech row learns to be unsure of any text."""
+    logits = logits.float()
+    unsure = labels == UNSURE_INDEX
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                             labels.masked_fill(unsure, -100).reshape(-1), ignore_index=-100,
+                                             reduction="sum")
+    if unsure.any():
+        z = logits[unsure]
+        loss = loss + (z.logsumexp(-1) - z.mean(-1)).sum()
     return loss, int((labels != -100).sum())
 
 
@@ -152,7 +160,6 @@ class Trainer:
 
         from .backends import DecodeOptions
         from .bundled import resolve_model
-        from .data.collator import WhisperCollator
         from .data.manifest import read_rows, training_rows
         from .model import build_training_model, trainable_parameters
         from .settings import settings_from_recipe
@@ -190,7 +197,9 @@ class Trainer:
                                         # log-mel on the GPU, in the data path (never precomputed)
                                         feature_device=acc.device if acc.device.type == "cuda" else None,
                                         timestamp_probability=cfg.train.timestamp_probability,
-                                        prompt_probability=cfg.train.prompt_probability, seed=cfg.train.seed)
+                                        prompt_probability=cfg.train.prompt_probability,
+                                        nonspeech_forced_probability=cfg.train.nonspeech_forced_probability,
+                                        seed=cfg.train.seed)
         self.trainable, self.total_params = trainable_parameters(model)
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
@@ -297,8 +306,7 @@ class Trainer:
         labels = batch["labels"].to(acc.device, non_blocking=True)
         mask = batch["attention_mask"].to(acc.device, non_blocking=True)  # each clip's real frames, for SpecAugment
         with acc.autocast():
-            out = self.model(input_features=features, attention_mask=mask, labels=labels,
-                             **decoder_inputs(batch, acc.device))
+            out = self.model(input_features=features, attention_mask=mask, **decoder_inputs(batch, acc.device))
         loss_sum, _ = token_loss_sum(out.logits, labels)
         # sum_gradients adds up the processes' gradients: the result is sum / total tokens of the step
         acc.backward(loss_sum / max(total_tokens, 1))
@@ -545,11 +553,13 @@ def seed_everything(seed: int) -> None:
 
 
 def decoder_inputs(batch: dict, device) -> dict:
-    """``decoder_input_ids`` of a batch whose labels start with a ``<|startofprev|>`` prompt (the model's
-    own shift of the labels would begin at ``<|startoftranscript|>``); nothing for any other batch."""
+    """What the decoder reads: the batch's own ``decoder_input_ids`` where the collator gave them (a
+    ``<|startofprev|>`` prompt, a forced non-speech row: the model's shift of the labels would differ),
+    else the labels, which the model shifts right. The loss is always :func:`token_loss_sum`'s."""
     ids = batch.get("decoder_input_ids")
-    ids = {} if ids is None else {"decoder_input_ids": ids.to(device, non_blocking=True)}
-    return {"use_cache": False, **ids}
+    if ids is None:
+        return {"labels": batch["labels"].to(device, non_blocking=True), "use_cache": False}
+    return {"decoder_input_ids": ids.to(device, non_blocking=True), "use_cache": False}
 
 
 def sum_gradients(acc, model) -> None:

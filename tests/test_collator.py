@@ -105,3 +105,50 @@ def test_nonspeech_row_targets_whispers_nospeech_token(tokenizer):
     assert first == [no_speech_token_id(tokenizer), tokenizer.eos_token_id]
     assert tokenizer.convert_ids_to_tokens(first[0]) in ("<|nocaptions|>", "<|nospeech|>")
     assert batch["ids"] == ["noise", "a", "b"]
+
+
+def test_forced_nonspeech_rows_read_the_prefix_and_target_the_uniform(tokenizer, tiny_whisper):
+    """train.nonspeech_forced_probability: a drawn non-speech row reads <|startoftranscript|><|ko|>
+    <|transcribe|> and <|notimestamps|> (or <|0.00|> when its timestamp draw says so), with no loss on
+    the prefix and one UNSURE label at the first text position, whose loss is the cross-entropy to the
+    uniform distribution; speech rows in the same batch are unchanged; the draws are keyed."""
+    from transformers import WhisperForConditionalGeneration
+
+    from asr_lora.data.collator import UNSURE_INDEX
+    from asr_lora.nospeech import no_speech_token_id
+    from asr_lora.prompting import draw, timestamp_id
+    from asr_lora.train import decoder_inputs, token_loss_sum
+
+    noise = make_row("noise", ASSETS / "ko_greeting.flac", "", extra={"nonspeech": True})
+    speech = rows()
+    keys = [(0, 7), (0, 1), (0, 2)]
+    batch = WhisperCollator(tokenizer, nonspeech_forced_probability=1.0)([noise, *speech], keys=keys)
+    plain = WhisperCollator(tokenizer)([noise, *speech], keys=keys)
+    prefix = tokenizer.convert_tokens_to_ids(["<|startoftranscript|>", "<|ko|>", "<|transcribe|>", "<|notimestamps|>"])
+    assert batch["decoder_input_ids"][0, :4].tolist() == prefix
+    assert batch["labels"][0].tolist()[:4] == [IGNORE_INDEX] * 3 + [UNSURE_INDEX]
+    assert set(batch["labels"][0].tolist()[4:]) <= {IGNORE_INDEX}
+    assert torch.equal(batch["labels"][1:], plain["labels"][1:])
+    assert plain["labels"][0].tolist()[:2] == [no_speech_token_id(tokenizer), tokenizer.eos_token_id]
+    for k in (1, 2):  # speech rows read their own labels, shifted right
+        n = int((batch["labels"][k] != IGNORE_INDEX).sum())
+        assert batch["decoder_input_ids"][k, 1:n].tolist() == batch["labels"][k, : n - 1].tolist()
+
+    stamped = WhisperCollator(tokenizer, nonspeech_forced_probability=1.0, timestamp_probability=1.0)([noise], keys=[(0, 7)])
+    assert stamped["decoder_input_ids"][0].tolist() == [*prefix[:3], timestamp_id(tokenizer, 0.0)]
+
+    half = WhisperCollator(tokenizer, nonspeech_forced_probability=0.5, seed=3)
+    forced = [UNSURE_INDEX in half([noise], keys=[(0, i)])["labels"][0].tolist() for i in range(40)]
+    assert forced == [draw(3, 0, i, "nonspeech_forced") < 0.5 for i in range(40)] and 5 < sum(forced) < 35
+
+    model = WhisperForConditionalGeneration.from_pretrained(tiny_whisper).eval()
+    with torch.no_grad():
+        out = model(input_features=batch["input_features"], **decoder_inputs(batch, "cpu"))
+    loss, n = token_loss_sum(out.logits, batch["labels"])
+    z = out.logits[0, 3]
+    uniform = -torch.log_softmax(z, -1).mean()
+    speech_labels = batch["labels"][1:]
+    by_hand = torch.nn.functional.cross_entropy(out.logits[1:].reshape(-1, z.shape[-1]), speech_labels.reshape(-1),
+                                                ignore_index=IGNORE_INDEX, reduction="sum")
+    assert n == 1 + int((speech_labels != IGNORE_INDEX).sum())
+    assert torch.allclose(loss, uniform + by_hand, rtol=1e-5)

@@ -93,9 +93,11 @@ def test_long_prompts_are_cut_from_the_left_to_fit(tokenizer):
     assert tokenizer.decode(prompt_ids(tokenizer, words)[1:]).strip().endswith("단어399")
     row = make_row("a", GREETING, "안녕하세요", extra={"prompt": words})
     collator = WhisperCollator(tokenizer, prompt_probability=1.0, max_label_tokens=40)
-    full, n_prompt = collator.training_sequence(row, 3.5, (0, 0))
-    assert len(full) == 40 and n_prompt == 40 - len(collator.label_ids("안녕하세요")) - 1
-    assert tokenizer.decode(full[1:n_prompt]).strip().endswith("단어399")
+    inputs, labels = collator.training_sequence(row, 3.5, (0, 0))
+    n_prompt = labels.count(IGNORE_INDEX)
+    assert len(inputs) == len(labels) == 39  # the 40 tokens of the sequence, less one: inputs and shifted labels
+    assert n_prompt == 40 - len(collator.label_ids("안녕하세요")) - 1
+    assert tokenizer.decode(inputs[1:n_prompt]).strip().endswith("단어399")
 
 
 def test_draws_are_deterministic_per_seed_epoch_and_row(tokenizer):
@@ -109,11 +111,12 @@ def test_draws_are_deterministic_per_seed_epoch_and_row(tokenizer):
     keys = [(0, i) for i in range(12)]
     a, b = collator(rows, keys), collator(rows, keys)
     assert torch.equal(a["labels"], b["labels"]) and torch.equal(a["decoder_input_ids"], b["decoder_input_ids"])
-    starts = [collator.training_sequence(r, 3.5, k)[1] > 0 for r, k in zip(rows, keys)]
+    starts = [collator.training_sequence(r, 3.5, k)[1][0] == IGNORE_INDEX for r, k in zip(rows, keys)]
     assert 0 < sum(starts) < 12  # some rows prompted, some not
     nonspeech = make_row("n", GREETING, "", extra={"nonspeech": True})
+    label = collator.row_label(nonspeech)
     assert collator.training_sequence(nonspeech, 3.5, (0, 0)) == ([ids(tokenizer, "<|startoftranscript|>")[0],
-                                                                   *collator.row_label(nonspeech)], 0)
+                                                                   *label[:-1]], label)
     # without keys (evaluation): the plain labels, whatever the probabilities
     assert collator([rows[0]])["labels"][0].tolist() == collator.row_label(rows[0])
 

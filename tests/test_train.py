@@ -382,13 +382,18 @@ AUGMENT = ["augment.spec_time_prob=0.2", "augment.spec_time_length=5", "augment.
            "augment.gain_prob=0.5"]
 
 
-@pytest.mark.parametrize("augment", [[], AUGMENT], ids=["plain", "augmented"])
+# non-speech rows mixed in, half of them read after the forced prefix (UNSURE target), timestamp labels
+DRAWN = [f"data.nonspeech={DEMO / 'nonspeech_train.jsonl'}", "data.nonspeech_rate=0.3",
+         "train.nonspeech_forced_probability=0.5", "train.timestamp_probability=0.5"]
+
+
+@pytest.mark.parametrize("augment", [[], AUGMENT + DRAWN], ids=["plain", "augmented"])
 def test_duration_batches_and_background_workers_resume_bit_identical(tiny_whisper, small_data, tmp_path,
                                                                      monkeypatch, augment):
     """train.batch_seconds with 2 background workers: stopped after step 3 and resumed, the run has
     exactly (bit for bit) the losses and weights of a straight run that loads in the loop, across
-    an epoch boundary; also with SpecAugment (numpy's RNG saved and restored) and waveform
-    augmentation (seeded per row and epoch) on."""
+    an epoch boundary; also with SpecAugment (numpy's RNG saved and restored), waveform augmentation,
+    non-speech rows (some forced) and timestamp labels (all drawn per row and epoch) on."""
     args = ["train.max_steps=6", "train.batch_seconds=8", "train.eval_every=6", "train.save_every=1",
             "model.audio_context=trimmed", *augment]
     straight = tmp_path / "straight"

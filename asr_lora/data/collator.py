@@ -13,9 +13,13 @@ Training batches (rows given with their ``(epoch, index)`` keys) may instead get
 deterministic draw (:func:`asr_lora.prompting.draw`): timestamped labels
 ``<|ko|><|transcribe|><|0.00|> text <|T|><|endoftext|>`` (``timestamp_probability``; ``T`` is the
 clip's duration on the 0.02 s grid), and a ``<|startofprev|>`` prompt of the row's ``prompt`` before
-``<|startoftranscript|>`` (``prompt_probability``), with -100 over the prompt (no loss on it) and the
-batch's ``decoder_input_ids`` given explicitly: the model's own shift of the labels would start at
-``<|startoftranscript|>`` and lose the prompt.
+``<|startoftranscript|>`` (``prompt_probability``), with -100 over the prompt (no loss on it); and a
+non-speech row may be read after the forced ``<|startoftranscript|><|ko|><|transcribe|><|notimestamps|>``
+(``<|0.00|>`` instead with its timestamp draw) with one label, :data:`UNSURE_INDEX` at the first text
+position (``nonspeech_forced_probability``; the loss there is the cross-entropy to the uniform
+distribution: decoders that force the language, as faster-whisper does, then meet a model unsure of
+any text on non-speech). Such batches carry ``decoder_input_ids``: the model's own shift of the labels
+would read -100 as padding.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from .augment import frame_mask
 from .manifest import ManifestRow, load_row_audio
 
 IGNORE_INDEX = -100
+UNSURE_INDEX = -2  # a label position whose target is the uniform distribution over the vocabulary (token_loss_sum)
 MAX_LABEL_TOKENS = 448  # Whisper's decoder positions
 MAX_CLIP_SECONDS = 30.0  # Whisper's window: a longer row (not from 'prepare') is skipped, not a crash
 
@@ -58,6 +63,7 @@ class WhisperCollator:
     augment: Any = None  # a WaveAugment (data/augment.py): training audio changed per row and position
     timestamp_probability: float = 0.0  # training rows: share with timestamped labels (train.timestamp_probability)
     prompt_probability: float = 0.0  # training rows with a prompt: share decoded after it (train.prompt_probability)
+    nonspeech_forced_probability: float = 0.0  # non-speech training rows: share with the language forced, target unsure
     seed: int = 0  # of the per-row draws
     _prefix: list[int] = field(init=False, repr=False)
 
@@ -81,24 +87,32 @@ class WhisperCollator:
         an intended non-speech row."""
         return list(self._no_speech) if row.nonspeech else self.label_ids(row.text)
 
-    def training_sequence(self, row: ManifestRow, seconds: float, key: tuple[int, int]) -> tuple[list[int], int]:
-        """The full decoder sequence of a training row (``<|startofprev|> prompt`` first when drawn, then
-        ``<|startoftranscript|>`` ...) and how many leading tokens it has before ``<|startoftranscript|>``
-        (no loss on them). ``key``: the row's ``(epoch, index)``, which fixes its draws with ``seed``."""
+    def training_sequence(self, row: ManifestRow, seconds: float, key: tuple[int, int]) -> tuple[list[int], list[int]]:
+        """Decoder inputs and labels of a training row (same length). Labels are the inputs shifted by one,
+        with -100 over a ``<|startofprev|>`` prompt when one is drawn (no loss on it). A non-speech row
+        drawn as forced (``nonspeech_forced_probability``) reads the forced prefix, as a decoder that forces
+        language and task sees it, and has one label: :data:`UNSURE_INDEX` at the first text position.
+        ``key``: the row's ``(epoch, index)``, which fixes its draws with ``seed``."""
         sot = self._prefix[0]
+        stamped = self.timestamp_probability > 0 and draw(self.seed, *key, "timestamps") < self.timestamp_probability
         if row.nonspeech:
-            return [sot, *self._no_speech], 0
+            if self.nonspeech_forced_probability > 0 and \
+                    draw(self.seed, *key, "nonspeech_forced") < self.nonspeech_forced_probability:
+                inputs = [*self._prefix[:3], timestamp_id(self.tokenizer, 0.0)] if stamped else list(self._prefix)
+                return inputs, [IGNORE_INDEX] * (len(inputs) - 1) + [UNSURE_INDEX]
+            return [sot, self._no_speech[0]], list(self._no_speech)
         text = self.tokenizer.encode(row.text.strip(), add_special_tokens=False)
         main = [*self._prefix, *text, self.tokenizer.eos_token_id]
-        if self.timestamp_probability > 0 and draw(self.seed, *key, "timestamps") < self.timestamp_probability:
-            stamped = [*self._prefix[:3], timestamp_id(self.tokenizer, 0.0), *text,
-                       timestamp_id(self.tokenizer, seconds), self.tokenizer.eos_token_id]
-            main = stamped if len(stamped) <= self.max_label_tokens else main
+        if stamped:
+            with_times = [*self._prefix[:3], timestamp_id(self.tokenizer, 0.0), *text,
+                          timestamp_id(self.tokenizer, seconds), self.tokenizer.eos_token_id]
+            main = with_times if len(with_times) <= self.max_label_tokens else main
         prompt: list[int] = []
         if row.prompt and self.prompt_probability > 0 and draw(self.seed, *key, "prompt") < self.prompt_probability:
             room = min(MAX_PROMPT_TOKENS, self.max_label_tokens - len(main) - 1)  # -1: <|startofprev|>
             prompt = prompt_ids(self.tokenizer, row.prompt, room)
-        return prompt + main, len(prompt)
+        full = prompt + main
+        return full[:-1], [IGNORE_INDEX] * len(prompt) + full[len(prompt) + 1:]
 
     def __call__(self, rows: Sequence[ManifestRow], keys: Sequence[tuple[int, int]] | None = None) -> dict:
         """A batch of ``rows``; with ``keys`` (each row's ``(epoch, index)`` in training) the rows get
@@ -119,9 +133,8 @@ class WhisperCollator:
                 audio = self.augment(audio, row, keys[k] if keys else None)
             audios.append(torch.as_tensor(audio, dtype=torch.float32))
             if keys is not None:
-                full, n_prompt = self.training_sequence(row, len(audio) / SAMPLE_RATE, keys[k])
-                label = [IGNORE_INDEX] * n_prompt + full[n_prompt + 1:]
-                inputs.append((full[:-1], n_prompt))
+                decoder_input, label = self.training_sequence(row, len(audio) / SAMPLE_RATE, keys[k])
+                inputs.append(decoder_input)
             labels.append(label)
             ids.append(row.id)
         batch: dict = {"ids": ids, "skipped": skipped}
@@ -137,7 +150,7 @@ class WhisperCollator:
         batch["attention_mask"] = frame_mask(n_frames, features.shape[-1])  # real frames: SpecAugment masks only these
         width = max(len(label) for label in labels)
         batch["labels"] = torch.tensor([label + [IGNORE_INDEX] * (width - len(label)) for label in labels])
-        if any(n_prompt for _, n_prompt in inputs):  # else the model's shift of the labels is the same
+        if any(d[1:] != label[:-1] for d, label in zip(inputs, labels)):  # else the model's shift of the labels
             pad = self.tokenizer.eos_token_id
-            batch["decoder_input_ids"] = torch.tensor([d + [pad] * (width - len(d)) for d, _ in inputs])
+            batch["decoder_input_ids"] = torch.tensor([d + [pad] * (width - len(d)) for d in inputs])
         return batch

@@ -67,15 +67,24 @@ def measure_hf(name: str, source: ModelSource, clips, speech, fallback: bool) ->
     return row
 
 
-def measure_faster_whisper(folder: str, clips) -> float:
+def measure_faster_whisper(folder: str, clips, speech) -> dict:
+    """faster-whisper with its defaults on a CTranslate2 export: the share of the non-speech clips that
+    got any output, and on the speech test clips the number left empty and the CER (silence must not
+    cost speech)."""
     from faster_whisper import WhisperModel
 
+    from asr_lora.metrics import score
+
     model = WhisperModel(folder, device="cpu", compute_type="default")
-    outputs = 0
-    for audio in clips:
+
+    def text(audio) -> str:
         segments, _ = model.transcribe(audio, language="ko")
-        outputs += any(s.text.strip() for s in segments)
-    return outputs / len(clips)
+        return " ".join(s.text.strip() for s in segments).strip()
+
+    share = sum(bool(text(audio)) for audio in clips) / len(clips)
+    hyps = [text(load_audio(r.audio, offset=r.offset, end=r.end)) for r in speech]
+    return {"nonspeech_share": share, "speech_empty": sum(not h for h in hyps),
+            "speech_cer": score([r.text for r in speech], hyps).cer}
 
 
 def long_form(source: ModelSource, vad: bool, seconds: float = 120.0) -> dict:
@@ -134,7 +143,7 @@ def main() -> None:
     fw = {}
     for spec in args.ct2:
         name, folder = spec.split("=", 1)
-        fw[name] = measure_faster_whisper(folder, clips)
+        fw[name] = measure_faster_whisper(folder, clips, speech)
     print(f"share of {len(clips)} non-speech clips ({args.clips}) that got any output (lower is better); "
           f"silence rule {'with' if fallback else 'without'} temperature fallback")
     print(f"| model | no gating | silence rule | VAD + rule | speech test CER (rule) |")
@@ -144,8 +153,10 @@ def main() -> None:
               f"{r['speech_cer_with_rule']:.4f} |")
     if fw:
         print("\nfaster-whisper with its defaults on the CTranslate2 exports:")
-        for name, share in fw.items():
-            print(f"  {name}: {share:.3f} of the clips got output ({round((1 - share) * len(clips))} silent)")
+        for name, r in fw.items():
+            print(f"  {name}: {r['nonspeech_share']:.3f} of the non-speech clips got output "
+                  f"({round((1 - r['nonspeech_share']) * len(clips))} silent); speech test clips: "
+                  f"{r['speech_empty']} of {len(speech)} empty, CER {r['speech_cer']:.4f}")
     longform = {}
     if args.long_form:
         name, folder = args.long_form.split("=", 1)

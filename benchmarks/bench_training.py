@@ -58,6 +58,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+EVAL_REPEATS = 3  # asr-lora's dev passes per batch size (median); the stock loops run once (a minute or more each)
 sys.path.insert(0, str(REPO))  # benchmark this checkout's asr_lora, whatever else is installed
 SYSTEMS = ("asr-lora-trimmed", "asr-lora-30s", "standard")
 MODEL = "bundled:whisper-base"
@@ -431,7 +432,7 @@ def text_tokens(ids, tokenizer) -> int:
 
 def eval_asr_lora(adapter: str, args) -> dict:
     """One dev pass with asr-lora's evaluator (``evaluate_rows``, training's decode options) at each of
-    ``--eval-batch-sizes``, after a warm-up, and where the time of one more pass at the first size goes:
+    ``--eval-batch-sizes`` (the median of :data:`EVAL_REPEATS` passes), after a warm-up, and where the time of one more pass at the first size goes:
     the transcriber's encoder pass (features + encoder) and its greedy decoding, timed around its own
     methods (the decode path itself is untouched); the rest is audio loading, batching and scoring."""
     from asr_lora.backends import DecodeOptions
@@ -445,9 +446,10 @@ def eval_asr_lora(adapter: str, args) -> dict:
     rows = read_rows(REPO / "data/demo/dev.jsonl")[0]
     evaluate_rows(transcriber, rows[:4], batch_size=4)  # warm-up
     by_batch = {}
-    for size in args.eval_batch_sizes:
-        result = evaluate_rows(transcriber, rows, batch_size=size)
-        by_batch[str(size)] = {"seconds": result.seconds, "cer": result.report.cer}
+    for size in args.eval_batch_sizes:  # the median of three passes: a short pass is easily disturbed
+        passes = [evaluate_rows(transcriber, rows, batch_size=size) for _ in range(EVAL_REPEATS)]
+        by_batch[str(size)] = {"seconds": statistics.median(r.seconds for r in passes), "cer": passes[0].report.cer,
+                               "passes": [round(r.seconds, 2) for r in passes]}
     spent = {"encode": 0.0, "decode": 0.0, "no_speech": 0.0, "steps": 0, "tokens": 0}
     encode, generate, first_step = transcriber.encode, transcriber._generate, transcriber._first_step
 
@@ -710,8 +712,10 @@ def eval_markdown(results: dict) -> str:
               f"({100 * split['encode'] / split['total']:.0f}%), audio loading, batching and scoring {rest:.1f} s "
               f"({100 * rest / split['total']:.0f}%). Decoding steps: summed over batches (a batch decodes until "
               "its last clip ends); text tokens: those of the hypotheses (end of text and padding left out). asr-lora's "
-              "pass is `asr-lora eval`'s (in training it also computes the dev loss from the same encoder pass). "
-              "The stock loop's features "
+              "pass is `asr-lora eval`'s (in training it also computes the dev loss from the same encoder pass); its "
+              f"dev pass is the median of {EVAL_REPEATS} passes (" + "; ".join(
+                  f"batch {size}: {', '.join(f'{x:.1f}' for x in r['passes'])} s" for size, r in ours["by_batch"].items()
+                  if r.get("passes")) + "), the stock loops ran once. The stock loop's features "
               f"(`datasets.map`, {std['precompute_seconds']:.1f} s) are not counted in its pass. Load average of "
               f"the machine after each system: {std['load_average']:.1f} (standard), {ours['load_average']:.1f} (asr-lora)."]
     return "\n".join(lines)

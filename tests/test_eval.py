@@ -186,7 +186,8 @@ def test_precomputed_suppression_equals_transformers_processors():
 
 def test_decoding_with_precomputed_suppression_is_unchanged(bundled_base):
     """The real base's generation config suppresses ~90 tokens: the hypotheses and their log-probs are
-    the same with transformers' processors and with the decode path's precomputed masks."""
+    the same with transformers' processors and with the decode path's precomputed masks; and the same
+    whether greedy decoding goes on from the no-speech step's cache or computes its prefix afresh."""
     from asr_lora.backends import DecodeOptions, HFTranscriber
     from asr_lora.data.manifest import load_row_audio, read_rows
     from asr_lora.sources import ModelSource, load_transcriber
@@ -197,10 +198,14 @@ def test_decoding_with_precomputed_suppression_is_unchanged(bundled_base):
     transcriber = load_transcriber(ModelSource("model", str(bundled_base)), options)
     assert transcriber.whisper.generation_config.suppress_tokens  # the rule under test is in use
     ours = transcriber.decode(audios)
+    first_step = transcriber._first_step
+    transcriber._first_step = lambda encoded, prompt=None: (first_step(encoded, prompt)[0], None)  # no cache
+    fresh = transcriber.decode(audios)
     transcriber._suppression = lambda: {}  # transformers' own processors
     theirs = transcriber.decode(audios)
-    assert [h.text for h in ours] == [h.text for h in theirs]
-    assert [h.avg_logprob for h in ours] == pytest.approx([h.avg_logprob for h in theirs], abs=1e-5)
+    for other in (theirs, fresh):
+        assert [h.text for h in ours] == [h.text for h in other]
+        assert [h.avg_logprob for h in ours] == pytest.approx([h.avg_logprob for h in other], abs=1e-5)
 
 
 def test_column_major_decoder_keeps_hypotheses_and_restores_exactly(bundled_base):

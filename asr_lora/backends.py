@@ -49,7 +49,6 @@ from .settings import ModelSettings
 from .trimmed import audio_context_of, feature_padding
 
 PROMPT_LENGTH = 4  # <|startoftranscript|><|lang|><|task|><|notimestamps|>
-
 FALLBACK_TEMPERATURES = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)  # openai/whisper's and faster-whisper's
 SAMPLING_SEED = 0  # temperature fallback samples with a fixed seed: the same input gives the same text
 
@@ -254,13 +253,13 @@ class SuppressTokens:
 
 
 def column_major_decoder(model) -> Callable[[], None]:
-    """On a CPU, store the frozen float weights of the decoder's linear layers and of the output
+    """On a CPU, store the float weights of the decoder's linear layers and of the output
     projection column-major (same values, same shapes), and return a function that restores them.
 
     A decoding step multiplies a few rows (one per clip) by each weight. For that shape PyTorch's CPU
     GEMM is about twice as fast on a column-major weight as on ``nn.Linear``'s row-major one (measured
     here at batch 8, one thread: 35 ms against 16 ms for whisper-base's 51,865 x 512 output projection;
-    at batch 16 and above the row-major path is fine). Results are the same up to summation order.
+    23 against 19 ms at batch 16). Results are the same up to summation order.
     Quantized layers, the encoder and GPU models are left alone. Inference models keep the layout;
     training switches it for its evaluation pass and back (a copy each way, values unchanged)."""
     import torch
@@ -359,13 +358,9 @@ class HFTranscriber(_Decoding):
         """Greedy output ids (batch, tokens) including the forced prompt tokens."""
         return self._generate(encoded if encoded is not None else self.encode(audios), cap).sequences
 
-    def no_speech_probs(self, encoded, prompt: list[int] | None = None) -> list[float]:
-        """Probability of the no-speech token after ``<|startoftranscript|>``, per clip (raw logits)."""
-        return self._first_step(encoded, prompt)[0]
-
     def _first_step(self, encoded, prompt: list[int] | None = None) -> tuple[list[float], object]:
-        """One decoder step over ``[*prompt, <|startoftranscript|>]``: the no-speech probabilities, and
-        its key/value cache (cross-attention included), from which greedy decoding goes on instead of
+        """One decoder step over ``[*prompt, <|startoftranscript|>]``: the probability of the no-speech
+        token after ``<|startoftranscript|>`` per clip (raw logits), and the step's key/value cache (cross-attention included), from which greedy decoding goes on instead of
         computing those again."""
         import torch
         from transformers.cache_utils import DynamicCache, EncoderDecoderCache

@@ -258,8 +258,9 @@ def column_major_decoder(model) -> Callable[[], None]:
 
     A decoding step multiplies a few rows (one per clip) by each weight. For that shape PyTorch's CPU
     GEMM is about twice as fast on a column-major weight as on ``nn.Linear``'s row-major one (measured
-    here at batch 8, one thread: 35 ms against 16 ms for whisper-base's 51,865 x 512 output projection;
-    23 against 19 ms at batch 16). Results are the same up to summation order.
+    here at batch 8, one thread: 37 ms against 18 ms for whisper-base's 51,865 x 512 output projection,
+    22 against 20 ms at batch 16; ``benchmarks/measure_decoder_layout.py``). Results are the same up to
+    summation order.
     Quantized layers, the encoder and GPU models are left alone. Inference models keep the layout;
     training switches it for its evaluation pass and back (a copy each way, values unchanged)."""
     import torch

@@ -184,28 +184,58 @@ def test_precomputed_suppression_equals_transformers_processors():
     assert not torch.isinf(ours(torch.zeros(3, 5, dtype=torch.long), scores)[:, 120]).any()
 
 
-def test_decoding_with_precomputed_suppression_is_unchanged(bundled_base):
-    """The real base's generation config suppresses ~90 tokens: the hypotheses and their log-probs are
-    the same with transformers' processors and with the decode path's precomputed masks; and the same
-    whether greedy decoding goes on from the no-speech step's cache or computes its prefix afresh."""
-    from asr_lora.backends import DecodeOptions, HFTranscriber
+def _whisper_generate(transcriber, audios, prompt: str | None = None, timestamps: bool = False):
+    """Reference hypotheses: transformers' Whisper ``generate`` with its own processors (no cache given),
+    each text's tokens (timestamps included) and its avg_logprob from ``compute_transition_scores``."""
+    import torch
+
+    from asr_lora.nospeech import avg_logprob
+
+    whisper, tokenizer = transcriber.whisper, transcriber.tokenizer
+    extra = {"prompt_ids": torch.tensor(transcriber.prompt_ids(prompt, 12))} if prompt else {}
+    if timestamps:
+        extra.update(return_timestamps=True, force_unique_generate_call=True)
+    with torch.no_grad():
+        out = whisper.generate(encoder_outputs=transcriber.encode(audios), language="ko", task="transcribe",
+                               max_new_tokens=12, return_dict_in_generate=True, output_scores=True, **extra)
+    generated = out.sequences[:, out.sequences.shape[1] - len(out.scores):]
+    steps = whisper.compute_transition_scores(out.sequences, out.scores, normalize_logits=True)
+    eos, result = whisper.generation_config.eos_token_id, []
+    for row, scores in zip(generated.tolist(), steps):
+        n = row.index(eos) if eos in row else len(row)
+        result.append((row[:n], tokenizer.decode(row[:n], skip_special_tokens=True).strip(),
+                       avg_logprob(float(scores[: n + 1].sum()), n)))
+    return result
+
+
+def test_decoding_matches_whisper_generate(bundled_base):
+    """The decode path runs transformers' generation loop with its own processors (precomputed
+    suppression masks, the no-speech step's cache, log-probs kept as it goes) instead of Whisper's
+    ``generate``. On the real base (~90 suppressed tokens) its hypotheses and log-probs are Whisper
+    ``generate``'s: plain, with a prompt and with timestamps; and the same without the cache."""
+    from asr_lora.backends import DecodeOptions
     from asr_lora.data.manifest import load_row_audio, read_rows
     from asr_lora.sources import ModelSource, load_transcriber
 
     rows, _ = read_rows(Path(__file__).resolve().parents[1] / "data" / "demo" / "dev.jsonl")
     audios = [load_row_audio(r) for r in rows[:3]]
-    options = DecodeOptions(language="ko", task="transcribe", max_new_tokens=12, temperatures=(0.0,))
-    transcriber = load_transcriber(ModelSource("model", str(bundled_base)), options)
-    assert transcriber.whisper.generation_config.suppress_tokens  # the rule under test is in use
-    ours = transcriber.decode(audios)
-    first_step = transcriber._first_step
-    transcriber._first_step = lambda encoded, prompt=None: (first_step(encoded, prompt)[0], None)  # no cache
-    fresh = transcriber.decode(audios)
-    transcriber._suppression = lambda: {}  # transformers' own processors
-    theirs = transcriber.decode(audios)
-    for other in (theirs, fresh):
-        assert [h.text for h in ours] == [h.text for h in other]
-        assert [h.avg_logprob for h in ours] == pytest.approx([h.avg_logprob for h in other], abs=1e-5)
+    for prompt, timestamps in ((None, False), ("지난번 회의 내용", False), (None, True)):
+        options = DecodeOptions(language="ko", task="transcribe", max_new_tokens=12, temperatures=(0.0,),
+                                prompt=prompt, timestamps=timestamps)
+        transcriber = load_transcriber(ModelSource("model", str(bundled_base)), options)
+        assert transcriber.whisper.generation_config.suppress_tokens  # the rule under test is in use
+        expected = _whisper_generate(transcriber, audios, prompt, timestamps)
+        ours = transcriber.decode(audios)
+        first_step = transcriber._first_step
+        transcriber._first_step = lambda encoded, prompt=None: (first_step(encoded, prompt)[0], None)  # no cache
+        fresh = transcriber.decode(audios)
+        for got in (ours, fresh):
+            assert [h.text for h in got] == [text for _, text, _ in expected]
+            assert [h.avg_logprob for h in got] == pytest.approx([lp for _, _, lp in expected], abs=1e-4)
+        if timestamps:
+            begin = transcriber.whisper.generation_config.no_timestamps_token_id + 1
+            assert any(t >= begin for ids, _, _ in expected for t in ids)  # timestamps were decoded
+            assert all(h.segments for h in ours if h.text)
 
 
 def test_column_major_decoder_keeps_hypotheses_and_restores_exactly(bundled_base):

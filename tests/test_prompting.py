@@ -267,11 +267,12 @@ def test_prompt_changes_the_decoder_input_hf_and_ct2(tiny_whisper, tiny_ct2, mon
     prompt = hf.prompt_ids(PROMPT, 4)
     assert prompt == [tok.convert_tokens_to_ids("<|startofprev|>"),
                       *tok.encode(" " + PROMPT, add_special_tokens=False)]
-    seen = {}
-    generate = model.generate
-    monkeypatch.setattr(model, "generate", lambda **kw: seen.update(kw) or generate(**kw))
+    seen = []
+    generate = hf._generate
+    monkeypatch.setattr(hf, "_generate", lambda *a, **kw: seen.append(generate(*a, **kw)) or seen[-1])
     with_prompt = hf.decode(audio)[0]
-    assert seen["prompt_ids"].tolist() == prompt
+    assert seen[0].sequences[0, :len(prompt) + 1].tolist() == [*prompt, hf.sot_id]  # what the decoder read
+    assert seen[0].prefix_length == len(prompt) + 4  # then <|lang|><|task|><|notimestamps|>
     without = HFTranscriber(model, tok, ModelSettings(), DecodeOptions(max_new_tokens=4, temperatures=(0.0,)))
     no_prompt = without.decode(audio)[0]
     assert with_prompt.no_speech_prob != pytest.approx(no_prompt.no_speech_prob, rel=1e-3)

@@ -222,8 +222,8 @@ def _hypothesis(text: str, avg_lp: float | None, no_speech_p: float | None, temp
 
 class SuppressTokens:
     """Whisper's token suppression as one logits processor with precomputed masks: ``suppress`` at
-    every step, ``begin_suppress`` at the first generated position (``set_begin_index``, called by
-    Whisper's generate). Same effect as transformers' ``SuppressTokensLogitsProcessor`` and
+    every step, ``begin_suppress`` at the first generated position (``set_begin_index``, set by
+    :meth:`HFTranscriber._generate`). Same effect as transformers' ``SuppressTokensLogitsProcessor`` and
     ``SuppressTokensAtBeginLogitsProcessor``, without their per-step ``torch.isin`` over the vocabulary."""
 
     def __init__(self, suppress: list[int], begin_suppress: list[int], begin_index: int = 0):
@@ -358,8 +358,8 @@ class HFTranscriber(_Decoding):
         return self._features(audios, self.device).to(dtype)
 
     def encode(self, audios: list[np.ndarray]):
-        """Encoder outputs. Generation is given these, never short ``input_features``: ``generate``
-        zero-pads those to 3000 frames, which a trimmed-context encoder must not see."""
+        """Encoder outputs. Generation is given these, never short ``input_features``: Whisper's
+        ``generate`` zero-pads those to 3000 frames, which a trimmed-context encoder must not see."""
         import torch
 
         with torch.no_grad():
@@ -384,8 +384,9 @@ class HFTranscriber(_Decoding):
         Whisper's ``generate`` would add for these options: token suppression (:class:`SuppressTokens`) and,
         with timestamps, ``WhisperTimeStampLogitsProcessor``. Whisper's wrapper is skipped because, for
         the log-probabilities through ``output_scores``, it splits every step's scores and the whole
-        key/value cache per clip and stacks them again: a third of a 30 s batch's decoding time here
-        (the same tokens either way: tests). The log-probabilities come from :class:`TokenLogprobs`."""
+        key/value cache per clip and stacks them again (measured on 25 demo clips: 11.0 s of greedy
+        decoding at 30 s context through the wrapper, 6.3 s this way; trimmed 2.1 against 1.8 s). The
+        tokens are the same either way (tests). The log-probabilities come from :class:`TokenLogprobs`."""
         import copy
 
         import torch

@@ -387,6 +387,7 @@ class Trainer:
         """CER/WER/sWER/dev loss on the dev rows (sharded over processes) through the same decode path
         as ``asr-lora eval``; recorded, printed, plotted and sent to the trackers. ``zero_shot``: the
         untouched base (LoRA starts as a no-op) in its native 30 s context, before any step."""
+        from contextlib import nullcontext
         from dataclasses import replace
 
         from .backends import HFTranscriber, column_major_decoder
@@ -400,10 +401,14 @@ class Trainer:
         shard = self.dev_rows[acc.process_index::acc.num_processes]
         start, result, why = time.perf_counter(), None, "no dev rows"
         restore_layout = column_major_decoder(model)  # faster decoding steps on a CPU; training's layout after
+        # zero-shot: the base itself, not the base plus adapters that add nothing yet (their cost, on 30 s input)
+        base_only = model.disable_adapter() if zero_shot and hasattr(model, "disable_adapter") else nullcontext()
         try:
-            guard, guard_lines = evaluate_guard(transcriber, self.guard_rows, cfg.data.guard_language, acc, cfg.eval)
-            result = evaluate_rows(transcriber, shard, batch_size=cfg.eval.batch_size, loss=self._eval_loss,
-                                   before_batch=lambda k: k == 1 and self._test_pause("eval", st.step))
+            with base_only:
+                guard, guard_lines = evaluate_guard(transcriber, self.guard_rows, cfg.data.guard_language, acc,
+                                                    cfg.eval)
+                result = evaluate_rows(transcriber, shard, batch_size=cfg.eval.batch_size, loss=self._eval_loss,
+                                       before_batch=lambda k: k == 1 and self._test_pause("eval", st.step))
         except NothingToEvaluate as e:
             why = str(e)  # this shard was unreadable; others may not be: decide together
         finally:

@@ -120,6 +120,30 @@ def test_config_validates_the_rule_and_its_limits():
 # --------------------------------------------------------------------------- scored per checkpoint
 
 
+def test_zero_shot_evaluation_runs_the_base_without_the_adapters(tiny_whisper, small_data, tmp_path):
+    """The zero-shot evaluation decodes the base with the LoRA adapters switched off (they add nothing
+    before the first step, but cost on 30 s input): no adapter layer runs, and run again after training it
+    gives the step-0 numbers exactly, while the trained adapters are back on for the next evaluation."""
+    out = tmp_path / "run"
+    trainer = run_training(recipe(tiny_whisper, small_data, out, "train.max_steps=2", "train.eval_every=2",
+                                  "train.save_every=2", "eval.zero_shot=true", "train.lr=1e-2",
+                                  "model.audio_context=trimmed"), progress=False)
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    calls = []
+    hooks = [m.register_forward_hook(lambda *_: calls.append(1)) for n, m in model.named_modules()
+             if n.endswith("lora_A.default")]
+    assert hooks
+    step0 = evals(out)[0]
+    again = trainer.evaluate(zero_shot=True)
+    assert not calls
+    assert step0["zero_shot"] and again["zero_shot"]
+    assert (again["cer"], again["eval_loss"]) == (step0["cer"], step0["eval_loss"])
+    trained = trainer.evaluate()
+    assert calls and trained["eval_loss"] != step0["eval_loss"]
+    for h in hooks:
+        h.remove()
+
+
 def test_guard_is_scored_every_eval_with_its_language_forced(tiny_whisper, small_data, tmp_path, monkeypatch):
     """data.guard rows are decoded every eval (the zero-shot one too) through the one decode path with
     <|en|> forced: guard_wer/guard_cer/guard_n in metrics.jsonl, eval/guard-step-N.jsonl, cer.png;

@@ -1,7 +1,7 @@
 """``asr-lora demo``: zero-shot CER -> LoRA training with CER per checkpoint -> best checkpoint's test CER.
 
-Runs the demo recipe (bundled Whisper base, synthetic Korean demo corpus) on CPU in about a quarter
-of an hour, end to end, and prints what a user would want to see.
+Runs the demo recipe (bundled Whisper base, synthetic Korean demo corpus) on CPU in about ten
+minutes on 2 cores, end to end, and prints what a user would want to see.
 """
 
 from __future__ import annotations

@@ -238,6 +238,44 @@ def test_decoding_matches_whisper_generate(bundled_base):
             assert all(h.segments for h in ours if h.text)
 
 
+def test_beam_search_and_sampled_fallback_through_the_generation_loop(tiny_whisper):
+    """Beam search returns its length-normalised sequence scores as avg_logprob; a fallback decoding
+    samples at its temperature, seeded (the same hypotheses twice), with each sampled token's
+    log-probability kept (finite, at most 0) and one per generated token."""
+    import math
+
+    import torch
+    from transformers import WhisperForConditionalGeneration, WhisperProcessor
+
+    from asr_lora.audio import load_audio
+    from asr_lora.backends import DecodeOptions, HFTranscriber
+    from asr_lora.settings import ModelSettings
+
+    model = WhisperForConditionalGeneration.from_pretrained(tiny_whisper).eval()
+    tokenizer = WhisperProcessor.from_pretrained(tiny_whisper).tokenizer
+    audios = [load_audio(ASSETS / "ko_greeting.flac"), load_audio(ASSETS / "en_fox.flac")]
+    beams = HFTranscriber(model, tokenizer, ModelSettings(),
+                          DecodeOptions(max_new_tokens=5, num_beams=3, temperatures=(0.0,)))
+    generated = beams._generate(beams.encode(audios), 5)
+    assert generated.token_logprobs is None and len(generated.sequence_scores) == 2
+    hyps = beams.decode(audios)
+    assert [h.avg_logprob for h in hyps] == pytest.approx(generated.sequence_scores, abs=1e-4)
+
+    # every greedy result is "unsure" (avg_logprob below 0): all fall back to the sampled 0.7
+    sampled = HFTranscriber(model, tokenizer, ModelSettings(),
+                            DecodeOptions(max_new_tokens=5, temperatures=(0.0, 0.7), logprob_threshold=0.0,
+                                          no_speech_threshold=None, compression_ratio_threshold=None))
+    first, again = sampled.decode(audios), sampled.decode(audios)
+    assert [h.temperature for h in first] == [0.7, 0.7]
+    assert [(h.text, h.avg_logprob) for h in first] == [(h.text, h.avg_logprob) for h in again]
+    assert all(math.isfinite(h.avg_logprob) and h.avg_logprob <= 0 for h in first)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        out = sampled._generate(sampled.encode(audios), 5, temperature=0.7)
+    assert out.token_logprobs.shape == (2, out.sequences.shape[1] - out.prefix_length)
+    assert (out.token_logprobs <= 0).all()  # log-probabilities (after a clip's end: its padding's)
+
+
 def test_column_major_decoder_keeps_hypotheses_and_restores_exactly(bundled_base):
     """Decoding with the decoder's weights column-major (the CPU layout of load_transcriber and of
     training's evaluation pass) gives the same hypotheses and log-probs; restoring gives back the very

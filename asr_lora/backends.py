@@ -132,7 +132,7 @@ class _Decoding:
         self.settings = settings
         self.options = options or DecodeOptions()
         self.description = description
-        self.language = self.options.language or settings.language
+        self.language = language_code(self.options.language or settings.language)
         self.task = self.options.task or settings.task
         self.padding, self.pad_to_multiple_of = feature_padding(settings.audio_context)
 
@@ -211,6 +211,15 @@ def _cache_arg() -> str:
         else "past_key_values"
 
 
+def language_code(value: str) -> str:
+    """Whisper's code for a language given as a code (``ko``) or its English name (``korean``), as
+    Whisper's ``generate`` takes it; anything else comes back as given, and a model without that
+    language token then refuses it by name."""
+    from transformers.models.whisper.tokenization_whisper import TO_LANGUAGE_CODE
+
+    return TO_LANGUAGE_CODE.get(value.strip().lower(), value) if value else value
+
+
 def _seconds(audios: list[np.ndarray]) -> list[float]:
     return [len(a) / SAMPLE_RATE for a in audios]
 
@@ -273,11 +282,8 @@ class TokenLogprobs:
         """(clips, generated tokens) log-probabilities, given the final ``sequences``."""
         import torch
 
-        if self._last is not None:
-            self._chosen.append(self._last.gather(1, sequences[:, -1:]).squeeze(1))
-            self._last = None
-        if not self._chosen:
-            return torch.zeros(sequences.shape[0], 0)
+        self._chosen.append(self._last.gather(1, sequences[:, -1:]).squeeze(1))
+        self._last = None
         return torch.stack(self._chosen, dim=1).cpu()
 
 
@@ -372,7 +378,12 @@ class HFTranscriber(_Decoding):
         """The tokens decoding starts from: ``[*prompt, <|startoftranscript|>, <|lang|>, <|task|>]`` and
         ``<|notimestamps|>`` unless the options ask for timestamps (as Whisper's generate builds them)."""
         config = self.whisper.generation_config
-        ids = [*(prompt or []), self.sot_id, config.lang_to_id[f"<|{self.language}|>"], config.task_to_id[self.task]]
+        language = (getattr(config, "lang_to_id", None) or {}).get(f"<|{self.language}|>")
+        task = (getattr(config, "task_to_id", None) or {}).get(self.task)
+        if language is None or task is None:
+            raise UserError(f"{self.description}: the model has no token for language {self.language!r} or task "
+                            f"{self.task!r}; check --language (an ISO-639-1 code such as 'ko')")
+        ids = [*(prompt or []), self.sot_id, language, task]
         return ids if self.options.timestamps else [*ids, config.no_timestamps_token_id]
 
     def _generate(self, encoded, cap: int | None = None, temperature: float = 0.0, prompt: list[int] | None = None,
@@ -397,7 +408,7 @@ class HFTranscriber(_Decoding):
         whisper, n = self.whisper, encoded.last_hidden_state.shape[0]
         prefix = self.decoder_prefix(prompt)
         config = copy.deepcopy(whisper.generation_config)
-        if cache is not None:  # the first tokens are in the cache already: generate slices them off (as Whisper's does)
+        if cache is not None:  # the first tokens are in the cache already: generate slices them off (as Whisper's)
             config._mask_length = len(prefix)
         beams = self.options.num_beams if temperature == 0 else 1
         record = TokenLogprobs() if beams == 1 else None
@@ -407,10 +418,10 @@ class HFTranscriber(_Decoding):
             processors.append(WhisperTimeStampLogitsProcessor(config, begin_index=len(prefix)))
         processors += [record] if record else []
         # empty suppression lists: None would be filled in again from the generation config
-        config.update(max_new_tokens=cap or self.options.max_new_tokens, max_length=None, use_cache=True, suppress_tokens=[],
-                      begin_suppress_tokens=[], return_dict_in_generate=beams > 1, output_scores=beams > 1,
-                      **({"do_sample": True, "temperature": temperature, "top_k": 0, "num_beams": 1} if temperature > 0
-                         else {"do_sample": False, "num_beams": beams}))
+        sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "num_beams": 1} if temperature > 0 \
+            else {"do_sample": False, "num_beams": beams}
+        config.update(max_new_tokens=cap or self.options.max_new_tokens, use_cache=True, suppress_tokens=[],
+                      begin_suppress_tokens=[], return_dict_in_generate=beams > 1, output_scores=beams > 1, **sampling)
         start = torch.tensor([prefix] * n, dtype=torch.long, device=encoded.last_hidden_state.device)
         with torch.no_grad():
             out = GenerationMixin.generate(whisper, generation_config=config, encoder_outputs=encoded,
@@ -426,8 +437,8 @@ class HFTranscriber(_Decoding):
 
     def _first_step(self, encoded, prompt: list[int] | None = None) -> tuple[list[float], object]:
         """One decoder step over ``[*prompt, <|startoftranscript|>]``: the probability of the no-speech
-        token after ``<|startoftranscript|>`` per clip (raw logits), and the step's key/value cache (cross-attention included), from which greedy decoding goes on instead of
-        computing those again."""
+        token after ``<|startoftranscript|>`` per clip (raw logits), and the step's key/value cache
+        (cross-attention included), from which greedy decoding goes on instead of computing those again."""
         import torch
         from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 

@@ -390,14 +390,14 @@ def _language_name(code: str) -> str:
 
 def _language_code(value: str) -> str:
     """ISO code (``ko``) or Whisper's English name (``korean``) -> code; ApiError if unknown."""
-    from transformers.models.whisper.tokenization_whisper import LANGUAGES, TO_LANGUAGE_CODE
+    from transformers.models.whisper.tokenization_whisper import LANGUAGES
 
-    value = value.strip().lower()
-    if value in LANGUAGES:
-        return value
-    if value in TO_LANGUAGE_CODE:
-        return TO_LANGUAGE_CODE[value]
-    raise ApiError(400, f"unsupported language {value!r}; give an ISO-639-1 code such as 'ko' or 'en'",
+    from .backends import language_code
+
+    code = language_code(value).strip().lower()
+    if code in LANGUAGES:
+        return code
+    raise ApiError(400, f"unsupported language {code!r}; give an ISO-639-1 code such as 'ko' or 'en'",
                    "unsupported_language", "language")
 
 

@@ -276,6 +276,32 @@ def test_beam_search_and_sampled_fallback_through_the_generation_loop(tiny_whisp
     assert (out.token_logprobs <= 0).all()  # log-probabilities (after a clip's end: its padding's)
 
 
+def test_language_by_name_or_code_and_a_clear_error_for_an_unknown_one(tiny_whisper):
+    """The decode path takes a language as Whisper's generate does, code or English name, and
+    refuses one the model has no token for by name instead of failing on a lookup."""
+    from transformers import WhisperForConditionalGeneration, WhisperProcessor
+
+    from asr_lora.audio import load_audio
+    from asr_lora.backends import DecodeOptions, HFTranscriber
+    from asr_lora.errors import UserError
+    from asr_lora.settings import ModelSettings
+
+    model = WhisperForConditionalGeneration.from_pretrained(tiny_whisper).eval()
+    tokenizer = WhisperProcessor.from_pretrained(tiny_whisper).tokenizer
+    audios = [load_audio(ASSETS / "ko_greeting.flac")]
+
+    def transcriber(language):
+        return HFTranscriber(model, tokenizer, ModelSettings(),
+                             DecodeOptions(language=language, max_new_tokens=3, temperatures=(0.0,)))
+
+    by_name, by_code = transcriber("Korean"), transcriber("ko")
+    assert by_name.language == "ko"
+    assert by_name.decoder_prefix()[1] == tokenizer.convert_tokens_to_ids("<|ko|>")
+    assert [h.text for h in by_name.decode(audios)] == [h.text for h in by_code.decode(audios)]
+    with pytest.raises(UserError, match="'xx'.*--language"):
+        transcriber("xx").decode(audios)
+
+
 def test_column_major_decoder_keeps_hypotheses_and_restores_exactly(bundled_base):
     """Decoding with the decoder's weights column-major (the CPU layout of load_transcriber and of
     training's evaluation pass) gives the same hypotheses and log-probs; restoring gives back the very

@@ -232,6 +232,7 @@ def test_decoding_matches_whisper_generate(bundled_base):
         for got in (ours, fresh):
             assert [h.text for h in got] == [text for _, text, _ in expected]
             assert [h.avg_logprob for h in got] == pytest.approx([lp for _, _, lp in expected], abs=1e-4)
+        assert [h.avg_logprob for h in ours] == pytest.approx([h.avg_logprob for h in fresh], abs=1e-5)
         if timestamps:
             begin = transcriber.whisper.generation_config.no_timestamps_token_id + 1
             assert any(t >= begin for ids, _, _ in expected for t in ids)  # timestamps were decoded

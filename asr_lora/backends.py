@@ -10,8 +10,9 @@ Which model a source names, and how it loads, is :mod:`asr_lora.sources`.
 Non-speech, as openai/whisper and faster-whisper judge it (:mod:`asr_lora.nospeech`): every
 hypothesis carries the probability of the no-speech token at the ``<|startoftranscript|>`` position,
 its average log-probability and the compression ratio of its text. A result that is too repetitive
-or too unsure is decoded again at the next of ``DecodeOptions.temperatures`` (sampling, seeded); a
-result with ``no_speech_prob`` above ``no_speech_threshold`` that is not confident (``avg_logprob``
+or too unsure is decoded again at the next of ``DecodeOptions.temperatures`` (sampling, seeded); when
+no attempt passes, the one kept is the most probable of them (:func:`best_attempt`), never simply the
+last sample; a result with ``no_speech_prob`` above ``no_speech_threshold`` that is not confident (``avg_logprob``
 at most ``logprob_threshold``, or repetitive) is silence: its text is empty and ``skip_reason`` says
 ``no_speech``.
 
@@ -182,21 +183,38 @@ class _Decoding:
                ) -> list[Hypothesis]:
         """Temperature fallback for the hypotheses that need it, then the silence rule."""
         o = self.options
+
+        def failed(h: Hypothesis) -> bool:
+            return needs_fallback(h.compression_ratio, h.avg_logprob, h.no_speech_prob, o.compression_ratio_threshold,
+                                  o.logprob_threshold, o.no_speech_threshold)
+
         hyps = list(first)
+        attempts = [[h] for h in first]
         for temperature in o.temperatures[1:]:
-            todo = [i for i, h in enumerate(hyps) if needs_fallback(
-                h.compression_ratio, h.avg_logprob, h.no_speech_prob, o.compression_ratio_threshold,
-                o.logprob_threshold, o.no_speech_threshold)]
+            todo = [i for i, h in enumerate(hyps) if failed(h)]
             if not todo:
                 break
             for i, h in zip(todo, redecode(todo, temperature)):
                 h.no_speech_prob, h.temperature = hyps[i].no_speech_prob, temperature
                 hyps[i] = h
+                attempts[i].append(h)
+        hyps = [best_attempt(tried, o.compression_ratio_threshold) if len(tried) > 1 and failed(h) else h
+                for h, tried in zip(hyps, attempts)]
         for h in hyps:
             if h.text and is_silent(h.no_speech_prob, h.avg_logprob, o.no_speech_threshold, o.logprob_threshold,
                                     h.compression_ratio, o.compression_ratio_threshold or float("inf")):
                 h.text, h.skip_reason = "", "no_speech"
         return hyps
+
+
+def best_attempt(attempts: list[Hypothesis], compression_ratio_threshold: float | None) -> Hypothesis:
+    """The attempt to keep when none of a clip's decodings passed the fallback thresholds: the highest
+    average log-probability among those under the compression-ratio threshold (among all of them when
+    none is), the greedy one included. faster-whisper's rule (``generate_with_fallback``); openai/whisper
+    keeps the last attempt instead, which at temperature 1.0 is often a worse sample than greedy's."""
+    limit = compression_ratio_threshold if compression_ratio_threshold is not None else float("inf")
+    below = [h for h in attempts if (h.compression_ratio or 0.0) <= limit] or attempts
+    return max(below, key=lambda h: -float("inf") if h.avg_logprob is None else h.avg_logprob)
 
 
 @functools.cache

@@ -242,14 +242,15 @@ def test_decoding_matches_whisper_generate(bundled_base):
 def test_beam_search_and_sampled_fallback_through_the_generation_loop(tiny_whisper):
     """Beam search returns its length-normalised sequence scores as avg_logprob; a fallback decoding
     samples at its temperature, seeded (the same hypotheses twice), with each sampled token's
-    log-probability kept (finite, at most 0) and one per generated token."""
+    log-probability kept (finite, at most 0) and one per generated token; when every attempt fails the
+    thresholds, the more probable one is kept."""
     import math
 
     import torch
     from transformers import WhisperForConditionalGeneration, WhisperProcessor
 
     from asr_lora.audio import load_audio
-    from asr_lora.backends import DecodeOptions, HFTranscriber
+    from asr_lora.backends import SAMPLING_SEED, DecodeOptions, HFTranscriber
     from asr_lora.settings import ModelSettings
 
     model = WhisperForConditionalGeneration.from_pretrained(tiny_whisper).eval()
@@ -262,14 +263,27 @@ def test_beam_search_and_sampled_fallback_through_the_generation_loop(tiny_whisp
     hyps = beams.decode(audios)
     assert [h.avg_logprob for h in hyps] == pytest.approx(generated.sequence_scores, abs=1e-4)
 
-    # every greedy result is "unsure" (avg_logprob below 0): all fall back to the sampled 0.7
+    # every result is "unsure" (avg_logprob below 0): all fall back to the sampled 0.7, and since that fails
+    # too, each clip keeps the more probable of its two attempts
     sampled = HFTranscriber(model, tokenizer, ModelSettings(),
                             DecodeOptions(max_new_tokens=5, temperatures=(0.0, 0.7), logprob_threshold=0.0,
                                           no_speech_threshold=None, compression_ratio_threshold=None))
+    greedy = HFTranscriber(model, tokenizer, ModelSettings(),
+                           DecodeOptions(max_new_tokens=5, temperatures=(0.0,), no_speech_threshold=None))
+    encoded = sampled.encode(audios)
+    samples = []
+    for _ in range(2):  # seeded as the fallback seeds it: the same samples twice
+        with torch.random.fork_rng():
+            torch.manual_seed(SAMPLING_SEED)
+            samples.append(sampled._hypotheses(encoded, 5, 0.7, [0.0, 0.0]))
+    assert [(h.text, h.avg_logprob) for h in samples[0]] == [(h.text, h.avg_logprob) for h in samples[1]]
+    assert all(h.temperature == 0.7 and math.isfinite(h.avg_logprob) and h.avg_logprob <= 0 for h in samples[0])
     first, again = sampled.decode(audios), sampled.decode(audios)
-    assert [h.temperature for h in first] == [0.7, 0.7]
     assert [(h.text, h.avg_logprob) for h in first] == [(h.text, h.avg_logprob) for h in again]
-    assert all(math.isfinite(h.avg_logprob) and h.avg_logprob <= 0 for h in first)
+    for kept, g, s in zip(first, greedy.decode(audios), samples[0]):
+        best = max((g, s), key=lambda h: h.avg_logprob)
+        assert (kept.text, kept.temperature) == (best.text, best.temperature)
+        assert kept.avg_logprob == pytest.approx(best.avg_logprob, abs=1e-5)
     with torch.random.fork_rng():
         torch.manual_seed(0)
         out = sampled._generate(sampled.encode(audios), 5, temperature=0.7)

@@ -87,12 +87,27 @@ class DataConfig:
                             "with data.guard_language forced: guard_wer, guard_cer in metrics.jsonl, the trackers, "
                             "cer.png and the report (keep it small: every eval decodes it too)")
     guard_language: str = doc("en", "language token forced when decoding data.guard")
+    concat_probability: float = doc(
+        0.0, "share of training rows (drawn per row and epoch) joined with the rows after them into one input "
+        "of several utterances: the next rows of the same 'session' (a manifest field) or, without one, "
+        "neighbours in a seeded order; the label is the joined text (one timestamp pair per utterance with a "
+        "timestamp draw). Teaches a model to go on after the first sentence (0: off)")
+    concat_max_seconds: float = doc(30.0, "longest joined input in seconds (at most 30, Whisper's window); also "
+                                    "the longest piece transcription gives the model")
+    concat_pause: list[float] = doc([0.2, 1.0], "silence between joined utterances: range [lo, hi] in seconds")
 
     def __post_init__(self):
         if not 0 < self.max_label_tokens <= 448:
             raise ConfigError(f"data.max_label_tokens must be in 1..448, got {self.max_label_tokens}")
         if not 0.0 <= self.nonspeech_rate <= 0.5:
             raise ConfigError(f"data.nonspeech_rate must be in 0..0.5, got {self.nonspeech_rate}")
+        if not 0.0 <= self.concat_probability <= 1.0:
+            raise ConfigError(f"data.concat_probability must be in 0..1, got {self.concat_probability}")
+        if not 0.0 < self.concat_max_seconds <= 30.0:
+            raise ConfigError(f"data.concat_max_seconds must be in (0, 30] (Whisper's window), got "
+                              f"{self.concat_max_seconds}")
+        if len(self.concat_pause) != 2 or not 0.0 <= self.concat_pause[0] <= self.concat_pause[1]:
+            raise ConfigError(f"data.concat_pause must be a range [lo, hi] with 0 <= lo <= hi, got {self.concat_pause}")
         if self.nonspeech_rate > 0 and not self.nonspeech:
             raise ConfigError("data.nonspeech_rate > 0 needs data.nonspeech (a folder or manifest of non-speech clips)")
 
@@ -121,10 +136,11 @@ class TrainConfig:
     save_every: int = doc(100, "checkpoint every N optimizer steps")
     keep_last: int = doc(3, "checkpoints kept besides best/ and final/")
     early_stopping_patience: int = doc(0, "stop after N evals without a new best checkpoint (see select_best; 0: off)")
-    select_best: Literal["cer", "cer_guarded"] = doc(
+    select_best: Literal["cer", "cer_guarded", "longform", "longform_guarded"] = doc(
         "cer", "which checkpoint is best/: cer: the lowest dev CER; cer_guarded: the lowest dev CER among the "
         "checkpoints within train.max_nonspeech_share and train.max_guard_wer, ties to the lower non-speech share "
-        "(none within the limits yet: the lowest CER, logged)")
+        "(none within the limits yet: the lowest CER, logged); longform, longform_guarded: the same with the "
+        "long-form probe's CER, the mean of longform_cer and longfile_cer (needs eval.longform_rows)")
     max_nonspeech_share: float | None = doc(None, "cer_guarded: highest nonspeech_share a best checkpoint may have "
                                             "(None: no limit; applies only when data.nonspeech_dev is scored)")
     max_guard_wer: float | None = doc(None, "cer_guarded: highest guard_wer a best checkpoint may have (None: no "
@@ -181,6 +197,23 @@ class EvalConfig:
     num_beams: int = doc(1, "beam size (1: greedy)")
     zero_shot: bool = doc(False, "also score the untouched base (full 30 s context) on dev before step 1: the "
                           "zero-shot point of metrics.jsonl, cer.png and the report")
+    longform_rows: int = doc(
+        0, "long-form probe every eval: the first N speech rows of data.dev joined (eval.longform_pause apart) "
+        "into inputs of eval.longform_seconds, decoded whole (longform_cer, longform_deletion_rate), and into "
+        "one file of all N cut and decoded as 'asr-lora transcribe' does (longfile_cer, longfile_deletion_rate); "
+        "in metrics.jsonl, the trackers, cer.png and the report (0: off)")
+    longform_seconds: list[float] = doc([20.0, 30.0], "length range [lo, hi] of the probe's joined inputs in seconds")
+    longform_pause: float = doc(0.5, "silence between the probe's joined rows, seconds")
+
+    def __post_init__(self):
+        if self.longform_rows < 0:
+            raise ConfigError(f"eval.longform_rows must be 0 or more, got {self.longform_rows}")
+        lo, hi = (self.longform_seconds + [0.0, 0.0])[:2]
+        if len(self.longform_seconds) != 2 or not 0 < lo <= hi <= 30.0:
+            raise ConfigError(f"eval.longform_seconds must be a range [lo, hi] with 0 < lo <= hi <= 30, got "
+                              f"{self.longform_seconds}")
+        if self.longform_pause < 0:
+            raise ConfigError(f"eval.longform_pause must be 0 or more, got {self.longform_pause}")
 
 
 @dataclass
@@ -229,6 +262,14 @@ class RecipeConfig:
     def __post_init__(self):
         if self.augment.noise_prob > 0 and not (self.augment.noise or self.data.nonspeech):
             raise ConfigError("augment.noise_prob > 0 needs noise clips: augment.noise or data.nonspeech")
+        if self.train.select_best.startswith("longform") and self.eval.longform_rows <= 0:
+            raise ConfigError(f"train.select_best={self.train.select_best} needs the long-form probe: set "
+                              "eval.longform_rows (e.g. 40)")
+        slowest = self.augment.speeds[0] if self.augment.speed_prob > 0 else 1.0
+        if self.data.concat_probability > 0 and self.data.concat_max_seconds / min(slowest, 1.0) > 30.0:
+            raise ConfigError(f"data.concat_max_seconds={self.data.concat_max_seconds:g} slowed down by "
+                              f"augment.speeds[0]={slowest:g} exceeds Whisper's 30 s window; lower "
+                              f"data.concat_max_seconds to {30.0 * slowest:.1f} or less")
 
 
 # --------------------------------------------------------------------------- the mechanism

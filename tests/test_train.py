@@ -202,6 +202,7 @@ def run_ddp(overrides: list[str], timeout: int = 600, probe: Path | None = None)
          # the demo's zero-shot pass, non-speech clips, timestamped labels and augmentation are not what these
          # tests are about (SpecAugment draws from each process's own numpy RNG: 2 ranks mask other frames than 1)
          "eval.zero_shot=false", "data.nonspeech_rate=0", "data.nonspeech_dev=null", "train.timestamp_probability=0",
+         "data.concat_probability=0", "eval.longform_rows=0",  # the demo's joined inputs and long-form probe
          *AUGMENT_OFF, "lora.target_modules=[q_proj,v_proj]",  # the default, as the single-process runs here
          *overrides, "--no-progress"],
         capture_output=True, text=True, env=env, timeout=timeout, cwd=REPO)
@@ -254,11 +255,13 @@ def test_ddp_rank_with_unreadable_dev_shard_does_not_hang(tiny_whisper, small_da
     proc = run_ddp([f"model.name={tiny_whisper}", "model.gradient_checkpointing=false", "lora.r=4", "lora.alpha=8",
                     f"data.train={train}", f"data.dev={dev_bad}", "eval.max_new_tokens=3", "eval.zero_shot=false",
                     "train.max_steps=1",
-                    "train.batch_size=2", "train.eval_every=1", "train.save_every=1", f"train.output_dir={out}"],
+                    "train.batch_size=2", "train.eval_every=1", "train.save_every=1", f"train.output_dir={out}",
+                    "eval.longform_rows=3"],  # the probe joins the corrupt row too: its keys are left out
                    timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     evals = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"cer"' in line]
     assert len(evals) == 1 and evals[0]["eval_n"] == 2 and evals[0]["eval_skipped"] == 1
+    assert "longform_cer" not in evals[0] and "longfile_cer" not in evals[0]
 
 
 def test_ddp_two_cpu_processes_match_accumulation(tiny_whisper, small_data, tmp_path):
@@ -273,13 +276,14 @@ def test_ddp_two_cpu_processes_match_accumulation(tiny_whisper, small_data, tmp_
               "lora.dropout=0.0", f"data.train={train}", f"data.dev={dev}", "train.lr=1e-2",
               "train.warmup_steps=0", "eval.max_new_tokens=3", "train.max_steps=3", "train.batch_size=2",
               "train.eval_every=3", "train.save_every=3", "eval.zero_shot=false"]
+    concat = ["data.concat_probability=0.5", "data.concat_max_seconds=12"]  # every process joins the same rows
     ddp = tmp_path / "ddp"
-    proc = run_ddp([*common, "train.grad_accum=2", f"train.output_dir={ddp}"], probe=tmp_path / "probe")
+    proc = run_ddp([*common, *concat, "train.grad_accum=2", f"train.output_dir={ddp}"], probe=tmp_path / "probe")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "world size 2" in proc.stderr
     single = tmp_path / "single"
     run_training(recipe(tiny_whisper, small_data, single, "train.max_steps=3", "train.batch_size=2",
-                        "train.grad_accum=4", "train.eval_every=3", "train.save_every=3"), progress=False)
+                        "train.grad_accum=4", "train.eval_every=3", "train.save_every=3", *concat), progress=False)
     got, want = losses(ddp), losses(single)
     assert list(got) == [1, 2, 3]
     # steps 1-2 agree to float precision; later steps may drift by ~1e-3: the all-reduce sums in
@@ -384,7 +388,8 @@ AUGMENT = ["augment.spec_time_prob=0.2", "augment.spec_time_length=5", "augment.
 
 # non-speech rows mixed in, half of them read after the forced prefix (UNSURE target), timestamp labels
 DRAWN = [f"data.nonspeech={DEMO / 'nonspeech_train.jsonl'}", "data.nonspeech_rate=0.3",
-         "train.nonspeech_forced_probability=0.5", "train.timestamp_probability=0.5"]
+         "train.nonspeech_forced_probability=0.5", "train.timestamp_probability=0.5",
+         "data.concat_probability=0.5", "data.concat_max_seconds=12"]
 
 
 @pytest.mark.parametrize("augment", [[], AUGMENT + DRAWN], ids=["plain", "augmented"])
@@ -393,7 +398,8 @@ def test_duration_batches_and_background_workers_resume_bit_identical(tiny_whisp
     """train.batch_seconds with 2 background workers: stopped after step 3 and resumed, the run has
     exactly (bit for bit) the losses and weights of a straight run that loads in the loop, across
     an epoch boundary; also with SpecAugment (numpy's RNG saved and restored), waveform augmentation,
-    non-speech rows (some forced) and timestamp labels (all drawn per row and epoch) on."""
+    non-speech rows (some forced), timestamp labels and joined multi-utterance inputs (all drawn per row
+    and epoch) on."""
     args = ["train.max_steps=6", "train.batch_seconds=8", "train.eval_every=6", "train.save_every=1",
             "model.audio_context=trimmed", *augment]
     straight = tmp_path / "straight"
@@ -464,6 +470,7 @@ def test_two_nodes_through_torchrun_rendezvous(tiny_whisper, small_data, tmp_pat
               "lora.r=4", "lora.alpha=8", "lora.dropout=0.0", f"data.train={train}", f"data.dev={dev}",
               "train.lr=1e-2", "train.warmup_steps=0", "eval.max_new_tokens=3", "eval.zero_shot=false",
               "data.nonspeech_rate=0", "data.nonspeech_dev=null", "train.timestamp_probability=0", *AUGMENT_OFF,
+              "data.concat_probability=0", "eval.longform_rows=0",
               "lora.target_modules=[q_proj,v_proj]", "train.max_steps=2", "train.batch_seconds=8", "train.eval_every=2", "train.save_every=2"]
     out, port = tmp_path / "nodes", free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}

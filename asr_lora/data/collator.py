@@ -34,6 +34,7 @@ from ..nospeech import no_speech_target
 from ..prompting import MAX_PROMPT_TOKENS, draw, prompt_ids, timestamp_id
 from ..trimmed import FRAME_MULTIPLE
 from .augment import frame_mask
+from .concat import JoinedRow, join_audio
 from .manifest import ManifestRow, load_row_audio
 
 IGNORE_INDEX = -100
@@ -87,12 +88,15 @@ class WhisperCollator:
         an intended non-speech row."""
         return list(self._no_speech) if row.nonspeech else self.label_ids(row.text)
 
-    def training_sequence(self, row: ManifestRow, seconds: float, key: tuple[int, int]) -> tuple[list[int], list[int]]:
+    def training_sequence(self, row: ManifestRow | JoinedRow, seconds: float, key: tuple[int, int],
+                          spans: list[tuple[float, float]] | None = None) -> tuple[list[int], list[int]]:
         """Decoder inputs and labels of a training row (same length). Labels are the inputs shifted by one,
         with -100 over a ``<|startofprev|>`` prompt when one is drawn (no loss on it). A non-speech row
         drawn as forced (``nonspeech_forced_probability``) reads the forced prefix, as a decoder that forces
         language and task sees it, and has one label: :data:`UNSURE_INDEX` at the first text position.
-        ``key``: the row's ``(epoch, index)``, which fixes its draws with ``seed``."""
+        ``key``: the row's ``(epoch, index)``, which fixes its draws with ``seed``. A :class:`JoinedRow`
+        (``spans``: each utterance's place in the input, seconds) has its texts joined, or with the timestamp
+        draw one ``<|start|> text <|end|>`` pair per utterance."""
         sot = self._prefix[0]
         stamped = self.timestamp_probability > 0 and draw(self.seed, *key, "timestamps") < self.timestamp_probability
         if row.nonspeech:
@@ -104,8 +108,13 @@ class WhisperCollator:
         text = self.tokenizer.encode(row.text.strip(), add_special_tokens=False)
         main = [*self._prefix, *text, self.tokenizer.eos_token_id]
         if stamped:
-            with_times = [*self._prefix[:3], timestamp_id(self.tokenizer, 0.0), *text,
-                          timestamp_id(self.tokenizer, seconds), self.tokenizer.eos_token_id]
+            texts, bounds = (row.texts, spans) if isinstance(row, JoinedRow) else ([row.text], [(0.0, seconds)])
+            with_times = list(self._prefix[:3])
+            for k, (part, (start, end)) in enumerate(zip(texts, bounds)):
+                ids = self.tokenizer.encode(part.strip(), add_special_tokens=False)
+                with_times += [timestamp_id(self.tokenizer, 0.0 if k == 0 else start), *ids,
+                               timestamp_id(self.tokenizer, end)]
+            with_times.append(self.tokenizer.eos_token_id)
             main = with_times if len(with_times) <= self.max_label_tokens else main
         prompt: list[int] = []
         if row.prompt and self.prompt_probability > 0 and draw(self.seed, *key, "prompt") < self.prompt_probability:
@@ -124,16 +133,25 @@ class WhisperCollator:
             if len(label) + 1 > self.max_label_tokens:  # +1: the start token the model prepends
                 skipped.append((row.id, f"label has {len(label) + 1} tokens, more than {self.max_label_tokens}"))
                 continue
+            spans = None
             try:
-                audio = load_row_audio(row, max_seconds=MAX_CLIP_SECONDS)  # so a timestamp end is at most 30.00
+                if isinstance(row, JoinedRow):
+                    audio, spans = join_audio(row, max_seconds=MAX_CLIP_SECONDS)
+                else:
+                    audio = load_row_audio(row, max_seconds=MAX_CLIP_SECONDS)  # so a timestamp end is at most 30.00
             except AudioError as e:
-                skipped.append((row.id, str(e)))
+                failed = next((p for p in getattr(row, "parts", ()) if p.audio == e.path), row)
+                skipped.append((failed.id, str(e)))
                 continue
             if self.augment is not None:
+                before = len(audio)
                 audio = self.augment(audio, row, keys[k] if keys else None)
+                if spans is not None and len(audio) != before:  # speed perturbation: every place scales alike
+                    scale = len(audio) / before
+                    spans = [(a * scale, b * scale) for a, b in spans]
             audios.append(torch.as_tensor(audio, dtype=torch.float32))
             if keys is not None:
-                decoder_input, label = self.training_sequence(row, len(audio) / SAMPLE_RATE, keys[k])
+                decoder_input, label = self.training_sequence(row, len(audio) / SAMPLE_RATE, keys[k], spans)
                 inputs.append(decoder_input)
             labels.append(label)
             ids.append(row.id)

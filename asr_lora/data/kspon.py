@@ -13,7 +13,8 @@ Audio stays where it is: rows point at the headerless 16 kHz s16le mono ``.pcm``
 duration comes from the file size alone. Transcripts are cleaned by
 :func:`asr_lora.text.clean_kspon_transcript` (the ETRI rules are listed in ``asr_lora/text.py``).
 
-With ``prompts``, each row gets a ``prompt``: the text of the utterance before it in the same session
+Every row names its ``session`` (the folder, see below), which ``data.concat_probability`` follows
+when it joins utterances into one training input. With ``prompts``, each row gets a ``prompt``: the text of the utterance before it in the same session
 (:func:`session_of`), for ``train.prompt_probability``. KsponSpeech file names carry no dialogue id:
 utterances are numbered in recording order and stored 1000 to a numbered folder
 (``KsponSpeech_0001/KsponSpeech_000001.pcm`` ...), so a session here is a folder, and the previous
@@ -101,6 +102,7 @@ def _utterance(audio: str, raw: str, where: dict, out_dir: str, side: str) -> di
         "duration": round(pcm_duration(size), 3),
         "language": "ko",
     }
+    row["session"] = session_of(row)  # joined inputs (data.concat_probability) follow a session's utterances
     return {"row": row, "odd": size % 2 == 1, "noise_only": is_noise_only(text)}
 
 

@@ -54,16 +54,20 @@ def _keys(batch: list[int] | tuple[int, list[int]]) -> list[tuple[int | None, in
 
 class _Rows(torch.utils.data.Dataset):
     """Row ``i`` at key ``(epoch, i)`` as ``((epoch, i), row)``, so that a batch knows the rows it was
-    made from, and where in training."""
+    made from, and where in training. With a :class:`~asr_lora.data.concat.Concatenation` the row is
+    that epoch's input of row ``i``: itself, or joined with the rows after it."""
 
-    def __init__(self, rows: Sequence[ManifestRow]):
-        self.rows = rows
+    def __init__(self, rows: Sequence[ManifestRow], concat=None):
+        self.rows, self.concat = rows, concat
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def __getitem__(self, key: tuple[int | None, int]) -> tuple[tuple[int | None, int], ManifestRow]:
-        return key, self.rows[key[1]]
+        epoch, i = key
+        if self.concat is not None and epoch is not None:
+            return key, self.concat.row(epoch, i)
+        return key, self.rows[i]
 
 
 class _Collate:
@@ -94,7 +98,7 @@ class _Planned(torch.utils.data.Sampler):
 
 
 def micro_batches(rows: Sequence[ManifestRow], collator, batches: Iterable[list[int] | tuple[int, list[int]]],
-                  n: int, num_workers: int = 0, pin_memory: bool = False) -> Iterator[dict]:
+                  n: int, num_workers: int = 0, pin_memory: bool = False, concat=None) -> Iterator[dict]:
     """The collated micro-batches ``batches`` (``n`` of them, lists of row indices, or ``(epoch,
     indices)`` pairs: then the collator gets each row's ``(epoch, index)``, the seed of its waveform
     augmentation, the same in the loop and in any worker), in order.
@@ -102,15 +106,17 @@ def micro_batches(rows: Sequence[ManifestRow], collator, batches: Iterable[list[
     ``num_workers > 0``: made in that many worker processes, ``PREFETCH`` each ahead of the loop,
     pinned when ``pin_memory`` (GPU), log-mel on the CPU (:func:`cpu_features`). The
     loader draws its worker seed from its own generator, never from the global RNG (whose state
-    checkpoints save: dropout stays what it would be without background loading).
+    checkpoints save: dropout stays what it would be without background loading). ``concat``: a
+    :class:`~asr_lora.data.concat.Concatenation` that joins rows into multi-utterance inputs.
     """
+    dataset = _Rows(rows, concat)
     if num_workers == 0 or n == 0:  # in the loop (and no workers for a run with nothing left to do)
         collate = _Collate(collator)
-        return (collate([(key, rows[key[1]]) for key in _keys(b)]) for b in batches)
+        return (collate([dataset[key] for key in _keys(b)]) for b in batches)
     collate = _Collate(cpu_features(collator))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # forked workers; quiets the tokenizers warning
     loader = torch.utils.data.DataLoader(
-        _Rows(rows), batch_sampler=_Planned(batches, n), collate_fn=collate, num_workers=num_workers,
+        dataset, batch_sampler=_Planned(batches, n), collate_fn=collate, num_workers=num_workers,
         prefetch_factor=PREFETCH, pin_memory=pin_memory, generator=torch.Generator().manual_seed(0))
     return iter(loader)
 

@@ -18,7 +18,7 @@ at ``r::world``, so every process runs the same number of steps with batches of 
 from __future__ import annotations
 
 import random
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 from .manifest import ManifestRow, length_hint
 
@@ -107,10 +107,11 @@ class BatchPlan:
     """
 
     def __init__(self, durations: list[float], seed: int, batch_size: int = 8, batch_seconds: float | None = None,
-                 floor_seconds: float = 0.0):
+                 floor_seconds: float = 0.0, epoch_durations: Callable[[int], list[float]] | None = None):
         if not durations:
             raise ValueError("no rows to batch")
         self.durations = list(durations)
+        self.epoch_durations = epoch_durations  # inputs whose length changes per epoch (joined rows)
         self.seed = seed
         self.batch_size = batch_size
         self.batch_seconds = batch_seconds
@@ -118,12 +119,14 @@ class BatchPlan:
         self._cache: dict[int, list[list[int]]] = {}
 
     @classmethod
-    def for_rows(cls, rows: Sequence[ManifestRow], train, audio_context: str = "trimmed") -> BatchPlan:
+    def for_rows(cls, rows: Sequence[ManifestRow], train, audio_context: str = "trimmed", concat=None) -> BatchPlan:
         """The plan of ``train`` (a ``TrainConfig``: seed, batch_size, batch_seconds) over ``rows``,
-        their lengths from :func:`~asr_lora.data.manifest.length_hint`; in the ``full`` audio context
-        a clip costs 30 s of a ``batch_seconds`` budget."""
+        their lengths from :func:`~asr_lora.data.manifest.length_hint` (with ``concat``, a
+        :class:`~asr_lora.data.concat.Concatenation`, each epoch's joined lengths); in the ``full``
+        audio context a clip costs 30 s of a ``batch_seconds`` budget."""
         return cls([length_hint(r) for r in rows], train.seed, train.batch_size, train.batch_seconds,
-                   FULL_CONTEXT_SECONDS if audio_context == "full" else 0.0)
+                   FULL_CONTEXT_SECONDS if audio_context == "full" else 0.0,
+                   concat.epoch_durations if concat is not None else None)
 
     def __str__(self) -> str:
         if self.batch_seconds is None:
@@ -134,10 +137,11 @@ class BatchPlan:
         """Epoch ``epoch``'s micro-batches (row indices). The last two epochs asked for are kept: the
         loader runs ahead of the loop and may already be in the next epoch."""
         if epoch not in self._cache:
+            durations = self.epoch_durations(epoch) if self.epoch_durations is not None else self.durations
             if self.batch_seconds is not None:
-                batches = duration_batches(self.durations, self.batch_seconds, self.seed, epoch, self.floor_seconds)
+                batches = duration_batches(durations, self.batch_seconds, self.seed, epoch, self.floor_seconds)
             else:
-                batches = length_grouped_batches(self.durations, self.batch_size, self.seed, epoch)
+                batches = length_grouped_batches(durations, self.batch_size, self.seed, epoch)
             self._cache = {e: b for e, b in self._cache.items() if e == epoch - 1}
             self._cache[epoch] = batches
         return self._cache[epoch]

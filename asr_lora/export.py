@@ -18,6 +18,7 @@ passed; a failed check leaves only its report in ``<out>.failed/`` and is an err
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -137,8 +138,7 @@ def _finish(work: Path, out: Path, report: dict, report_name: str, heavy: tuple[
 def _carried_settings(settings: ModelSettings) -> ModelSettings:
     """The settings a merged or exported folder carries: its source's. A training ``quant`` becomes
     ``trained_quant``: the merged weights are never quantised."""
-    carried = ModelSettings(settings.audio_context, settings.language, settings.task, settings.base_model,
-                            dict(settings.extra), source=settings.source)
+    carried = dataclasses.replace(settings, extra=dict(settings.extra))
     if "quant" in carried.extra:
         carried.extra["trained_quant"] = carried.extra.pop("quant")
     return carried

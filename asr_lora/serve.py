@@ -46,7 +46,7 @@ from starlette.requests import Request  # at module level: FastAPI resolves the 
 
 from .audio import SAMPLE_RATE, AudioError, audio_info, load_audio
 from .errors import UserError
-from .transcribe import SPLITS, Item, Transcript, to_srt, to_vtt, transcribe_audio
+from .transcribe import Item, Transcript, resolve_split, to_srt, to_vtt, transcribe_audio
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
@@ -116,11 +116,7 @@ def default_base_name(model: str) -> str:
 
 
 def _split_for(transcriber, split: str) -> str:
-    if split not in SPLITS:
-        raise UserError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
-    if split != "auto":
-        return split
-    return "pauses" if transcriber.settings.audio_context == "trimmed" else "windows"
+    return resolve_split(split, transcriber.settings)
 
 
 def _check_names(names: list[str]) -> None:
@@ -403,7 +399,8 @@ def _language_code(value: str) -> str:
 
 def verbose_json(segments: list[dict], duration: float, language: str) -> dict:
     """OpenAI's ``verbose_json``: one segment per decoded piece with text, with the signals that judged
-    it (``no_speech_prob``, ``avg_logprob``, ``compression_ratio``, ``temperature``); ``tokens`` empty."""
+    it (``no_speech_prob``, ``avg_logprob``, ``compression_ratio``, ``temperature``; ``redecoded`` when the
+    completeness guard split its piece); ``tokens`` empty."""
     spoken = [s for s in segments if s["text"]]
     return {
         "task": "transcribe", "language": _language_name(language), "duration": round(duration, 3),
@@ -411,7 +408,8 @@ def verbose_json(segments: list[dict], duration: float, language: str) -> dict:
         "segments": [{"id": i, "seek": int(round(s["start"] * 100)), "start": s["start"], "end": s["end"],
                       "text": s["text"], "tokens": [], "temperature": s.get("temperature", 0.0),
                       "avg_logprob": s.get("avg_logprob"), "compression_ratio": s.get("compression_ratio"),
-                      "no_speech_prob": s.get("no_speech_prob")}
+                      "no_speech_prob": s.get("no_speech_prob"),
+                      **({"redecoded": s["redecoded"]} if s.get("redecoded") else {})}
                      for i, s in enumerate(spoken)],
     }
 
@@ -584,7 +582,7 @@ def create_app(models: list[ServedModel], options: ServerOptions):
             segments = await run_in_threadpool(
                 transcribe_audio, audio, partial(model.engine.decode, model, fields["language"],
                                                  prompt=fields["prompt"]), model.split,
-                model.vad)
+                model.vad, model.transcriber.settings)
             content, media_type = render(segments, len(audio) / SAMPLE_RATE,
                                          fields["language"] or model.transcriber.language,
                                          fields["response_format"], fields["filename"])

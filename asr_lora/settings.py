@@ -19,7 +19,37 @@ from .trimmed import AUDIO_CONTEXTS
 
 SETTINGS_FILE = "asr_lora.json"
 RECIPE_FILE = "recipe.yaml"  # the resolved recipe in a run folder, parent of its checkpoints
-KNOWN_KEYS = ("audio_context", "language", "task", "base_model")
+KNOWN_KEYS = ("audio_context", "language", "task", "base_model", "trained_on")
+MAX_INPUT_SECONDS = 30.0  # Whisper's window: what a model without a record of its training inputs is given
+
+
+@dataclass(frozen=True)
+class TrainedOn:
+    """What a checkpoint's training inputs were like, as transcription needs to know it: the range of
+    input durations (a joined multi-utterance input counts as one input) and the speaking rate in
+    non-space characters per second of input (median and 5th percentile over the speech rows)."""
+
+    min_seconds: float
+    max_seconds: float
+    chars_per_second: float
+    chars_per_second_low: float
+
+    @classmethod
+    def from_json(cls, data, where: str) -> TrainedOn | None:
+        if data is None:
+            return None
+        try:
+            values = [float(data[k]) for k in ("min_seconds", "max_seconds", "chars_per_second",
+                                               "chars_per_second_low")]
+        except (TypeError, KeyError, ValueError) as e:
+            raise UserError(f"{where}: trained_on must hold min_seconds, max_seconds, chars_per_second and "
+                            f"chars_per_second_low as numbers ({type(e).__name__}: {e})") from None
+        return cls(*values)
+
+    def to_json(self) -> dict:
+        return {"min_seconds": round(self.min_seconds, 3), "max_seconds": round(self.max_seconds, 3),
+                "chars_per_second": round(self.chars_per_second, 3),
+                "chars_per_second_low": round(self.chars_per_second_low, 3)}
 
 
 @dataclass
@@ -30,6 +60,7 @@ class ModelSettings:
     language: str = DEFAULT_LANGUAGE
     task: str = DEFAULT_TASK
     base_model: str | None = None
+    trained_on: TrainedOn | None = None  # the training inputs' durations and speaking rate (None: not recorded)
     extra: dict = field(default_factory=dict)  # what else the file records (quant, dtype, merged_from, ...)
     source: str = "default"  # where these came from: a file path, or "default"
 
@@ -39,8 +70,19 @@ class ModelSettings:
                             f"got {self.audio_context!r}")
 
     def to_json(self) -> dict:
-        return {"audio_context": self.audio_context, "language": self.language, "task": self.task,
-                "base_model": self.base_model, **self.extra}
+        out = {"audio_context": self.audio_context, "language": self.language, "task": self.task,
+               "base_model": self.base_model}
+        if self.trained_on is not None:
+            out["trained_on"] = self.trained_on.to_json()
+        return {**out, **self.extra}
+
+    @property
+    def max_input_seconds(self) -> float:
+        """The longest piece transcription gives this model: the longest input it was trained on (a model
+        that only saw single sentences stops after one), at most Whisper's 30 s; 30 s when not recorded."""
+        if self.trained_on is None:
+            return MAX_INPUT_SECONDS
+        return min(MAX_INPUT_SECONDS, self.trained_on.max_seconds)
 
 
 def settings_from_recipe(cfg, source: str = "recipe") -> ModelSettings:
@@ -67,6 +109,7 @@ def read_settings(folder: str | Path | None) -> ModelSettings:
         return ModelSettings(audio_context=data.get("audio_context") or "full",
                              language=data.get("language") or DEFAULT_LANGUAGE,
                              task=data.get("task") or DEFAULT_TASK, base_model=data.get("base_model"),
+                             trained_on=TrainedOn.from_json(data.get("trained_on"), str(path)),
                              extra={k: v for k, v in data.items() if k not in KNOWN_KEYS}, source=str(path))
     recipe = folder.parent / RECIPE_FILE
     if recipe.is_file():

@@ -5,8 +5,16 @@ Inputs: audio files; folders (searched recursively for :data:`AUDIO_SUFFIXES`); 
 reported on stderr and skipped; the rest are still transcribed.
 
 Pieces: with voice activity detection (the default; Silero VAD, :mod:`asr_lora.vad`) a file of any
-length is cut at its speech boundaries into pieces of at most 30 s, and the pieces between speech
-are not decoded (their text is empty, ``skip_reason`` "no_speech_vad"). With ``vad=False`` a file of
+length is cut at its speech boundaries into pieces of at most the longest input the model was trained
+on (``trained_on.max_seconds`` in its settings file, :mod:`asr_lora.settings`; at most 30 s, and 30 s
+when not recorded): a model trained on single sentences stops after the first sentence of a longer
+piece. The pieces between speech are not decoded (their text is empty, ``skip_reason``
+"no_speech_vad").
+
+Completeness guard (with VAD, for a model whose settings record its training rows' speaking rate): a
+decoded piece whose text is far shorter than its speech predicts (:func:`incomplete`) is decoded
+again split at its inner VAD spans, and the parts replace it when they hold more text; their
+segments say ``"redecoded": "incomplete"`` in ``json``. With ``vad=False`` a file of
 at most 30 s is one piece, and a longer one is cut in one of two ways (``split``; "auto" picks
 "pauses" for a model with the trimmed audio context, "windows" otherwise):
 
@@ -45,7 +53,7 @@ import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, TextIO
+from typing import Callable, NamedTuple, TextIO
 
 import numpy as np
 
@@ -71,6 +79,9 @@ SPLITS = ("auto", "pauses", "windows")
 # digital silence and for slivers too short to hold a syllable.
 SILENT_PEAK = 1e-3  # max |sample| below -60 dBFS
 MIN_AUDIBLE = 0.1  # seconds
+# Completeness guard: a decoded piece with fewer non-space characters than this share of what its
+# speech seconds predict at the training rows' slow speaking rate is decoded again, split at its VAD spans.
+GUARD_FRACTION = 0.5
 
 
 # --------------------------------------------------------------------------- inputs
@@ -188,17 +199,90 @@ def segment_bounds(audio: np.ndarray, split: str, sr: int = SAMPLE_RATE) -> list
     return pause_points(audio, sr) if split == "pauses" else split_points(audio, sr)
 
 
-def pieces(audio: np.ndarray, split: str, vad: bool) -> list[tuple[int, int, str | None]]:
-    """``(start, end, skip_reason)`` pieces covering ``audio``; a piece with a skip reason is not
-    decoded: "no_speech_vad" (VAD found no speech), "silence" (digital silence), "too_short"."""
-    if vad:
-        from .vad import vad_pieces
+class Cut(NamedTuple):
+    """A piece of a file: ``start``/``end`` samples, why it is not decoded (None: it is), and, with VAD,
+    the speech spans inside it (samples), where the completeness guard may split it."""
 
-        spans = [(a, b, None if speech else "no_speech_vad") for a, b, speech in vad_pieces(audio)]
+    start: int
+    end: int
+    skip_reason: str | None
+    spans: tuple[tuple[int, int], ...] = ()
+
+    def segment(self, **extra) -> dict:
+        """Its segment before decoding: start, end (seconds), empty text, the skip reason if any."""
+        out = {"start": round(self.start / SAMPLE_RATE, 3), "end": round(self.end / SAMPLE_RATE, 3), "text": ""}
+        return {**out, **({"skip_reason": self.skip_reason} if self.skip_reason else {}), **extra}
+
+
+def pieces(audio: np.ndarray, split: str, vad: bool, max_piece_s: float = MAX_WINDOW) -> list[Cut]:
+    """:class:`Cut` s covering ``audio``; a piece with a skip reason is not decoded: "no_speech_vad" (VAD
+    found no speech), "silence" (digital silence), "too_short". With VAD, speech pieces are at most
+    ``max_piece_s`` long (the model's :attr:`~asr_lora.settings.ModelSettings.max_input_seconds`)."""
+    if vad:
+        from .vad import speech_pieces
+
+        cuts = [Cut(p.start, p.end, None if p.speech else "no_speech_vad", p.spans)
+                for p in speech_pieces(audio, max_piece_s)]
     else:
         bounds = segment_bounds(audio, split)
-        spans = [(a, b, None) for a, b in zip(bounds[:-1], bounds[1:])]
-    return [(a, b, reason or inaudible(audio[a:b])) for a, b, reason in spans]
+        cuts = [Cut(a, b, None) for a, b in zip(bounds[:-1], bounds[1:])]
+    return [c._replace(skip_reason=c.skip_reason or inaudible(audio[c.start:c.end])) for c in cuts]
+
+
+# --------------------------------------------------------------------------- completeness guard
+
+
+def speech_seconds(cut: Cut) -> float:
+    """Seconds of speech VAD found in a piece (its spans, padding included)."""
+    return sum(b - a for a, b in cut.spans) / SAMPLE_RATE
+
+
+def incomplete(text: str, cut: Cut, trained_on) -> bool:
+    """Whether a decoded piece's text is far shorter than its speech predicts: fewer non-space characters
+    than :data:`GUARD_FRACTION` of what the slow end of the training rows' speaking rate
+    (``trained_on.chars_per_second_low``) gives for the piece's speech seconds. Needs the model's
+    :class:`~asr_lora.settings.TrainedOn` record and the piece's VAD spans; never for an empty text
+    (a piece Whisper judged silent keeps the silence rule)."""
+    if trained_on is None or not cut.spans or not text:
+        return False
+    return len("".join(text.split())) < GUARD_FRACTION * trained_on.chars_per_second_low * speech_seconds(cut)
+
+
+def inner_cuts(cut: Cut) -> list[Cut]:
+    """A piece split at its inner VAD span boundaries (the middle of each gap between spans), one
+    speech span a part; ``[]`` for a piece of one span."""
+    if len(cut.spans) < 2:
+        return []
+    bounds = [cut.start] + [(a_end + b_start) // 2 for (_, a_end), (b_start, _) in zip(cut.spans, cut.spans[1:])]
+    bounds.append(cut.end)
+    return [Cut(a, b, None, (span,)) for a, b, span in zip(bounds[:-1], bounds[1:], cut.spans)]
+
+
+def complete(decoded: list[tuple[Cut, np.ndarray, object]], decode: Callable[[list[np.ndarray]], list],
+             trained_on) -> list[list[tuple[Cut, object, str | None]]]:
+    """The completeness guard over decoded pieces ``(cut, piece audio, hypothesis)``: each piece whose text
+    is :func:`incomplete` is decoded again split at its inner VAD spans (:func:`inner_cuts`, all such
+    parts in one ``decode`` call), and the parts replace it when they hold more text. Returns, per piece,
+    its ``(cut, hypothesis, why)`` parts: the piece itself (why None) or its parts (why "incomplete")."""
+    out: list[list[tuple[Cut, object, str | None]]] = [[(cut, hyp, None)] for cut, _, hyp in decoded]
+    retry = [(k, inner_cuts(cut)) for k, (cut, _, hyp) in enumerate(decoded) if incomplete(hyp.text, cut, trained_on)]
+    retry = [(k, parts) for k, parts in retry if parts]
+    if not retry:
+        return out
+    audios = [decoded[k][1][p.start - decoded[k][0].start:p.end - decoded[k][0].start] for k, parts in retry
+              for p in parts]
+    hyps = iter(decode(audios))
+    for k, parts in retry:
+        redone = [(p, next(hyps), "incomplete") for p in parts]
+        if sum(len("".join(h.text.split())) for _, h, _ in redone) > len("".join(decoded[k][2].text.split())):
+            out[k] = redone
+    return out
+
+
+def decoded_segments(parts: list[tuple[Cut, object, str | None]]) -> list[dict]:
+    """The segments of one decoded piece from :func:`complete`'s parts (with their cues)."""
+    return [cue for cut, hyp, why in parts
+            for cue in with_cues(cut.segment(**({"redecoded": why} if why else {})), hyp)]
 
 
 # --------------------------------------------------------------------------- output formats
@@ -335,18 +419,25 @@ def expand_cues(segments: list[dict]) -> list[dict]:
 
 
 def transcribe_audio(audio: np.ndarray, decode: Callable[[list[np.ndarray]], list], split: str,
-                     vad: bool = True) -> list[dict]:
+                     vad: bool = True, settings=None) -> list[dict]:
     """Segments (``start``, ``end``, ``text``, and the decode signals or a ``skip_reason``) of one 16 kHz
-    waveform, cut as :func:`pieces` cuts it; ``decode`` (a transcriber's, or the server's batching
-    queue) gets the pieces to decode in one call and returns their :class:`~asr_lora.backends.Hypothesis`."""
-    cuts = pieces(audio, split, vad)
-    segments = [{"start": round(a / SAMPLE_RATE, 3), "end": round(b / SAMPLE_RATE, 3), "text": "",
-                 **({"skip_reason": reason} if reason else {})} for a, b, reason in cuts]
-    todo = [k for k, (_, _, reason) in enumerate(cuts) if reason is None]
-    hyps = decode([audio[cuts[k][0]:cuts[k][1]] for k in todo]) if todo else []
-    for k, hyp in zip(todo, hyps):
-        segments[k]["cues"] = with_cues(segments[k], hyp)
+    waveform, cut as :func:`pieces` cuts it for a model of ``settings`` (its ``ModelSettings``: the
+    longest piece, the completeness guard's speaking rate; None: 30 s pieces, no guard); ``decode`` (a
+    transcriber's, or the server's batching queue) gets the pieces to decode in one call and returns
+    their :class:`~asr_lora.backends.Hypothesis`."""
+    cuts = pieces(audio, split, vad, max_piece_seconds(settings))
+    segments = [c.segment() for c in cuts]
+    todo = [k for k, c in enumerate(cuts) if c.skip_reason is None]
+    hyps = decode([audio[cuts[k].start:cuts[k].end] for k in todo]) if todo else []
+    decoded = [(cuts[k], audio[cuts[k].start:cuts[k].end], hyp) for k, hyp in zip(todo, hyps)]
+    for k, parts in zip(todo, complete(decoded, decode, getattr(settings, "trained_on", None))):
+        segments[k]["cues"] = decoded_segments(parts)
     return expand_cues(segments)
+
+
+def max_piece_seconds(settings) -> float:
+    """The longest piece for a model of ``settings`` (``ModelSettings`` or None: 30 s)."""
+    return MAX_WINDOW if settings is None else settings.max_input_seconds
 
 
 def _load(item: Item, failures: list[Failure]) -> np.ndarray | None:
@@ -358,6 +449,16 @@ def _load(item: Item, failures: list[Failure]) -> np.ndarray | None:
         return None
 
 
+def resolve_split(split: str, settings) -> str:
+    """``split`` checked, with "auto" resolved for a model of ``settings``: "pauses" for the trimmed audio
+    context, "windows" otherwise."""
+    if split not in SPLITS:
+        raise UserError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+    if split == "auto":
+        return "pauses" if settings.audio_context == "trimmed" else "windows"
+    return split
+
+
 def transcribe_items(transcriber, items: list[Item], writer: Writer, *, batch_size: int = TRANSCRIBE_BATCH_SIZE,
                      progress: bool = True, split: str = "auto", vad: bool = True,
                      condition_on_previous_text: bool = False) -> list[Failure]:
@@ -365,22 +466,22 @@ def transcribe_items(transcriber, items: list[Item], writer: Writer, *, batch_si
     writing each transcript as soon as its last piece is done, in input order; returns the
     items that could not be read (each reported on stderr). ``split``, ``vad``,
     ``condition_on_previous_text``: see the module docstring."""
-    if split not in SPLITS:
-        raise UserError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
-    if split == "auto":
-        split = "pauses" if transcriber.settings.audio_context == "trimmed" else "windows"
+    split = resolve_split(split, transcriber.settings)
     from tqdm import tqdm
 
     failures: list[Failure] = []
     bar = tqdm(total=len(items), desc="transcribe", unit="file", disable=not progress, leave=False)
-    pending: list[tuple[Transcript, int, np.ndarray]] = []  # (transcript, segment index, piece audio)
+    pending: list[tuple[Transcript, int, np.ndarray, Cut]] = []  # (transcript, segment index, piece audio, cut)
     unfinished: list[Transcript] = []  # in input order
+    settings = transcriber.settings
 
     def flush() -> None:
         if pending:
-            hyps = transcriber.decode([audio for _, _, audio in pending])
-            for (transcript, k, _), hyp in zip(pending, hyps):
-                transcript.segments[k]["cues"] = with_cues(transcript.segments[k], hyp)
+            hyps = transcriber.decode([audio for _, _, audio, _ in pending])
+            decoded = [(cut, audio, hyp) for (_, _, audio, cut), hyp in zip(pending, hyps)]
+            for (transcript, k, _, _), parts in zip(pending, complete(decoded, transcriber.decode,
+                                                                      settings.trained_on)):
+                transcript.segments[k]["cues"] = decoded_segments(parts)
                 transcript.windows_left -= 1
             pending.clear()
         while unfinished and unfinished[0].windows_left == 0:
@@ -394,19 +495,18 @@ def transcribe_items(transcriber, items: list[Item], writer: Writer, *, batch_si
         if audio is None:
             bar.update(1)
             continue
-        cuts = pieces(audio, split, vad)
-        transcript = Transcript(item, len(audio) / SAMPLE_RATE, windows_left=sum(r is None for *_, r in cuts))
+        cuts = pieces(audio, split, vad, settings.max_input_seconds)
+        transcript = Transcript(item, len(audio) / SAMPLE_RATE, windows_left=sum(c.skip_reason is None for c in cuts))
         unfinished.append(transcript)
         if condition_on_previous_text:
             decode_in_order(transcriber, transcript, audio, cuts)
             flush()
             continue
-        for k, (a, b, reason) in enumerate(cuts):
-            segment = {"start": round(a / SAMPLE_RATE, 3), "end": round(b / SAMPLE_RATE, 3), "text": ""}
-            transcript.segments.append(segment if reason is None else {**segment, "skip_reason": reason})
-            if reason is not None:
+        for k, cut in enumerate(cuts):
+            transcript.segments.append(cut.segment())
+            if cut.skip_reason is not None:
                 continue
-            pending.append((transcript, k, audio[a:b]))
+            pending.append((transcript, k, audio[cut.start:cut.end], cut))
             if len(pending) >= batch_size:
                 flush()
     flush()
@@ -419,16 +519,22 @@ def decode_in_order(transcriber, transcript: Transcript, audio: np.ndarray, cuts
     previous piece's text (condition_on_previous_text); the chain restarts after a piece decoded at a
     temperature above 0.5 or left empty (openai/whisper's rule)."""
     previous = ""
-    for k, (a, b, reason) in enumerate(cuts):
-        segment = {"start": round(a / SAMPLE_RATE, 3), "end": round(b / SAMPLE_RATE, 3), "text": ""}
-        if reason is not None:
-            transcript.segments.append({**segment, "skip_reason": reason})
+    for cut in cuts:
+        segment = cut.segment()
+        if cut.skip_reason is not None:
+            transcript.segments.append(segment)
             continue
         prompt = " ".join(p for p in (transcriber.options.prompt, previous) if p) or None
-        hyp = transcriber.decode([audio[a:b]], prompts=[prompt])[0]
-        transcript.segments.append({**segment, "cues": with_cues(segment, hyp)})
+
+        def decode(audios: list[np.ndarray]) -> list:
+            return transcriber.decode(audios, prompts=[prompt] * len(audios))
+
+        piece = audio[cut.start:cut.end]
+        (parts,) = complete([(cut, piece, decode([piece])[0])], decode, transcriber.settings.trained_on)
+        transcript.segments.append({**segment, "cues": decoded_segments(parts)})
         transcript.windows_left -= 1
-        previous = hyp.text if hyp.text and hyp.temperature <= 0.5 else ""
+        last = parts[-1][1]
+        previous = " ".join(h.text for _, h, _ in parts if h.text) if last.text and last.temperature <= 0.5 else ""
 
 
 def transcribe_paths(paths: list[str], source: ModelSource | None = None, options: DecodeOptions | None = None, *,

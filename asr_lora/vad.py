@@ -7,7 +7,8 @@ window), so one lock serialises its use across threads.
 - :func:`speech_spans`: speech regions ``(start, end)`` in samples, from Silero's own
   ``get_speech_timestamps`` rules (a threshold on the per-window speech probability, the shortest
   silence that ends a span, padding around each span, spans under ``min_speech_s`` dropped).
-- :func:`vad_pieces`: a whole file cut into contiguous pieces ``(start, end, has_speech)``: speech spans
+- :func:`vad_pieces` (and :func:`speech_pieces`, which also names each piece's speech spans): a whole
+  file cut into contiguous pieces ``(start, end, has_speech)``: speech spans
   merged while the merged piece stays within ``max_piece_s`` (30 s, Whisper's window) and the silence
   between them within ``max_gap_s``, as faster-whisper's ``collect_chunks`` merges speech chunks up to
   its chunk length; but the audio is not spliced together: the stretches between speech pieces stay in
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import threading
 import warnings
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -120,33 +122,53 @@ def speech_spans(audio: np.ndarray | torch.Tensor, sr: int = 16000, *, threshold
                                     min_speech_s=min_speech_s, max_span_s=max_span_s)
 
 
+class Piece(NamedTuple):
+    """A stretch of a file: ``start``/``end`` in samples, whether it holds speech, and the speech spans
+    inside it (``(start, end)`` samples, clipped to the piece; empty for a piece without speech)."""
+
+    start: int
+    end: int
+    speech: bool
+    spans: tuple[tuple[int, int], ...] = ()
+
+
 def merge_spans(spans: list[tuple[int, int]], n_samples: int, sr: int = 16000, *, max_piece_s: float = MAX_PIECE_S,
                 max_gap_s: float = MAX_GAP_S) -> list[tuple[int, int, bool]]:
     """Contiguous pieces covering ``[0, n_samples)``: runs of speech spans merged into pieces of at most
     ``max_piece_s`` whose spans are at most ``max_gap_s`` apart (flagged True), and the stretches
     between them (flagged False, of any length: they are not decoded). A span longer than
     ``max_piece_s`` is cut into equal parts."""
+    return [p[:3] for p in merge_spans_with_spans(spans, n_samples, sr, max_piece_s=max_piece_s, max_gap_s=max_gap_s)]
+
+
+def merge_spans_with_spans(spans: list[tuple[int, int]], n_samples: int, sr: int = 16000, *,
+                           max_piece_s: float = MAX_PIECE_S, max_gap_s: float = MAX_GAP_S) -> list[Piece]:
+    """:func:`merge_spans` as :class:`Piece` s that also name the speech spans each piece holds."""
     max_piece, max_gap = int(max_piece_s * sr), int(max_gap_s * sr)
-    groups: list[list[int]] = []
+    groups: list[list] = []  # [start, end, [spans]]
     for start, end in spans:
         start, end = max(0, start), min(n_samples, end)
         if groups and start - groups[-1][1] <= max_gap and end - groups[-1][0] <= max_piece:
             groups[-1][1] = max(groups[-1][1], end)
+            groups[-1][2].append((max(start, groups[-1][2][-1][1]), end))
         else:
-            groups.append([max(start, groups[-1][1]) if groups else start, end])
-    pieces: list[tuple[int, int, bool]] = []
+            start = max(start, groups[-1][1]) if groups else start
+            groups.append([start, end, [(start, end)]])
+    pieces: list[Piece] = []
     position = 0
-    for start, end in groups:
+    for start, end, inner in groups:
         if end <= start:
             continue
         if start > position:
-            pieces.append((position, start, False))
+            pieces.append(Piece(position, start, False))
         n_parts = -(-(end - start) // max_piece)
         bounds = [start + (end - start) * k // n_parts for k in range(n_parts + 1)]
-        pieces += [(a, b, True) for a, b in zip(bounds[:-1], bounds[1:])]
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            clipped = tuple((max(a, x), min(b, y)) for x, y in inner if min(b, y) > max(a, x))
+            pieces.append(Piece(a, b, True, clipped))
         position = end
     if position < n_samples:
-        pieces.append((position, n_samples, False))
+        pieces.append(Piece(position, n_samples, False))
     return pieces
 
 
@@ -157,6 +179,14 @@ def vad_pieces(audio: np.ndarray | torch.Tensor, max_piece_s: float = MAX_PIECE_
     that cover it from 0 to ``len(audio)``; pieces with speech are at most ``max_piece_s`` long, pieces
     without speech are whatever lies between them (see :func:`merge_spans`). Audio without any
     speech is one piece flagged False."""
+    return [p[:3] for p in speech_pieces(audio, max_piece_s, sr=sr, threshold=threshold, min_silence_s=min_silence_s,
+                                         speech_pad_s=speech_pad_s, min_speech_s=min_speech_s, max_gap_s=max_gap_s)]
+
+
+def speech_pieces(audio: np.ndarray | torch.Tensor, max_piece_s: float = MAX_PIECE_S, *, sr: int = 16000,
+               threshold: float = THRESHOLD, min_silence_s: float = MIN_SILENCE_S, speech_pad_s: float = SPEECH_PAD_S,
+               min_speech_s: float = MIN_SPEECH_S, max_gap_s: float = MAX_GAP_S) -> list[tuple[int, int, bool]]:
+    """:func:`vad_pieces` as :class:`Piece` s, each with the speech spans inside it."""
     spans = speech_spans(audio, sr, threshold=threshold, min_silence_s=min_silence_s, speech_pad_s=speech_pad_s,
                          min_speech_s=min_speech_s, max_span_s=max_piece_s)
-    return merge_spans(spans, len(audio), sr, max_piece_s=max_piece_s, max_gap_s=max_gap_s)
+    return merge_spans_with_spans(spans, len(audio), sr, max_piece_s=max_piece_s, max_gap_s=max_gap_s)

@@ -43,7 +43,7 @@ def share_with_output(transcriber, clips, vad: bool) -> float:
 
     outputs = 0
     for audio in clips:
-        cuts = [audio[a:b] for a, b, reason in pieces(audio, "windows", vad) if reason is None]
+        cuts = [audio[a:b] for a, b, reason, _ in pieces(audio, "windows", vad) if reason is None]
         texts = [h.text for h in transcriber.decode(cuts)] if cuts else []
         outputs += any(texts)
     return outputs / len(clips)
@@ -102,7 +102,7 @@ def long_form(source: ModelSource, vad: bool, seconds: float = 120.0) -> dict:
     audio, speech = make.build_longform(seconds=seconds, seed=0)
     transcriber = load_transcriber(source, DecodeOptions(max_new_tokens=96, temperatures=(0.0,)))
     cues = []
-    for a, b, reason in pieces(audio, "pauses", vad):
+    for a, b, reason, _ in pieces(audio, "pauses", vad):
         if reason is None:
             hyp = transcriber.decode([audio[a:b]])[0]
             if hyp.text:

@@ -189,12 +189,14 @@ def test_merge_records_trimmed_audio_context(adapter, manifest, tmp_path):
 
     ckpt = tmp_path / "step-000001"
     shutil.copytree(adapter, ckpt)
+    trained_on = {"min_seconds": 1.4, "max_seconds": 20.0, "chars_per_second": 4.5, "chars_per_second_low": 3.6}
     (ckpt / "asr_lora.json").write_text(json.dumps({"audio_context": "trimmed", "language": "ko",
-                                                    "task": "transcribe", "quant": "8bit"}))
+                                                    "task": "transcribe", "quant": "8bit", "trained_on": trained_on}))
     report = merge_adapter(ckpt, tmp_path / "merged", data=manifest, max_new_tokens=int(TOKENS), log=lambda *_: None)
     assert report["passed"] and report["audio_context"] == "trimmed"
     settings = json.loads((tmp_path / "merged" / "asr_lora.json").read_text())
     assert settings["audio_context"] == "trimmed"
+    assert settings["trained_on"] == trained_on  # transcription keeps cutting pieces for what it was trained on
     assert "quant" not in settings and settings["trained_quant"] == "8bit"  # merged weights are never 8-bit
     transcriber = load_transcriber(ModelSource("merged", str(tmp_path / "merged")), DecodeOptions(max_new_tokens=2))
     assert transcriber.padding == "longest"
@@ -252,13 +254,19 @@ def test_export_trimmed_context_runs_trimmed_in_ct2(merged, manifest, tmp_path):
     folder = tmp_path / "merged"
     shutil.copytree(merged, folder)
     settings = json.loads((folder / "asr_lora.json").read_text())
-    (folder / "asr_lora.json").write_text(json.dumps({**settings, "audio_context": "trimmed"}))
+    trained_on = {"min_seconds": 1.4, "max_seconds": 20.0, "chars_per_second": 4.5, "chars_per_second_low": 3.6}
+    (folder / "asr_lora.json").write_text(json.dumps({**settings, "audio_context": "trimmed",
+                                                      "trained_on": trained_on}))
     report = export_ct2(folder, tmp_path / "ct2", quantization="float32", data=manifest,
                         max_new_tokens=int(TOKENS), log=lambda *_: None)
     assert report["audio_context"] == "trimmed" and report["ct2_accepts_short_input"] is True
     assert "shorter than 3000 frames" in report["audio_context_note"]
     assert report["transcripts_identical_fraction"] == 1.0 and report["passed"]
     assert json.loads((tmp_path / "ct2" / "asr_lora.json").read_text())["audio_context"] == "trimmed"
+    from asr_lora.sources import ModelSource, load_transcriber
+
+    ct2 = load_transcriber(ModelSource("ct2", str(tmp_path / "ct2")))
+    assert ct2.settings.trained_on.max_seconds == 20.0 and ct2.settings.max_input_seconds == 20.0
 
 
 # --------------------------------------------------------------------------- real base (slow)

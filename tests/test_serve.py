@@ -444,3 +444,29 @@ def test_sigterm_lets_in_flight_requests_finish(tiny_whisper, clips, reference, 
         assert "Waiting for application shutdown" in srv.output()
     finally:
         srv.stop()
+
+
+def test_vad_pieces_stay_within_what_the_served_model_was_trained_on(adapters, tmp_path):
+    """A model whose asr_lora.json says it was trained on inputs of at most 6 s is given VAD pieces of at
+    most 6 s, by the server as by transcribe; a long upload still comes back whole, piece after piece."""
+    import shutil
+
+    from .conftest import DEMO, demo_rows
+
+    short = tmp_path / "short"
+    shutil.copytree(adapters["B"], short)
+    settings = json.loads((short / "asr_lora.json").read_text())
+    settings["trained_on"] = {"min_seconds": 1.0, "max_seconds": 6.0, "chars_per_second": 4.5,
+                              "chars_per_second_low": 3.6}
+    (short / "asr_lora.json").write_text(json.dumps(settings))
+    gap = np.zeros(SAMPLE_RATE // 2, dtype=np.float32)
+    audio = np.concatenate([x for r in demo_rows("test", 6) for x in (load_audio(DEMO / r["audio"]), gap)])
+    sf.write(tmp_path / "six.wav", audio, SAMPLE_RATE)
+    srv = Server(["--adapter", f"S={short}", "--max-new-tokens", "4", "--no-fallback"], tmp_path / "tmp")
+    try:
+        verbose = transcribe(srv.client(api_key="none"), "S", tmp_path / "six.wav", response_format="verbose_json")
+    finally:
+        srv.stop()
+    pieces = [(s.start, s.end) for s in verbose.segments]
+    assert len(pieces) >= 3 and all(b - a <= 6.0 + 1e-3 for a, b in pieces)
+    assert pieces[-1][1] > len(audio) / SAMPLE_RATE - 2.0  # the last sentence is decoded too

@@ -80,15 +80,21 @@ def _cmd_prepare_manifest(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_transcribe(args: argparse.Namespace) -> int:
+def transcribe_options(args: argparse.Namespace):
+    """The ``DecodeOptions`` of transcribe's decoding flags (``eval --as-transcribe`` takes the same)."""
     from .backends import FALLBACK_TEMPERATURES, DecodeOptions
+
+    return DecodeOptions(language=args.language, max_new_tokens=args.transcribe_max_new_tokens,
+                         no_speech_threshold=args.no_speech_threshold, logprob_threshold=args.logprob_threshold,
+                         compression_ratio_threshold=args.compression_ratio_threshold,
+                         temperatures=(0.0,) if args.no_fallback else FALLBACK_TEMPERATURES,
+                         prompt=args.prompt, timestamps=args.timestamps)
+
+
+def _cmd_transcribe(args: argparse.Namespace) -> int:
     from .transcribe import transcribe_paths
 
-    options = DecodeOptions(language=args.language, max_new_tokens=args.max_new_tokens,
-                            no_speech_threshold=args.no_speech_threshold, logprob_threshold=args.logprob_threshold,
-                            compression_ratio_threshold=args.compression_ratio_threshold,
-                            temperatures=(0.0,) if args.no_fallback else FALLBACK_TEMPERATURES,
-                            prompt=args.prompt, timestamps=args.timestamps)
+    options = transcribe_options(args)
     failures = transcribe_paths(args.paths, source_from_args(args), options, fmt=args.format, out=args.out,
                                 batch_size=args.batch_size, progress=not args.no_progress, split=args.split,
                                 vad=not args.no_vad, condition_on_previous_text=args.condition_on_previous_text)
@@ -116,8 +122,11 @@ def _default_eval_dir(source, manifest: str) -> Path:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
+    import copy
+
     from .backends import DecodeOptions
-    from .evaluate import evaluate_manifest, write_eval_outputs
+    from .evaluate import (TRANSCRIBE_UTTERANCES, NothingToEvaluate, evaluate_manifest, write_eval_outputs,
+                           write_utterances)
     from .sources import load_transcriber
 
     source = source_from_args(args)
@@ -125,21 +134,45 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     options = DecodeOptions(language=args.language, max_new_tokens=args.max_new_tokens, num_beams=args.num_beams,
                             bound_by_reference=not args.no_reference_bound, temperatures=(0.0,))
     transcriber = load_transcriber(source, options)
-    result = evaluate_manifest(transcriber, args.data, batch_size=args.batch_size, limit=args.limit,
-                               progress=not args.no_progress)
     meta = {"model": transcriber.description, "manifest": str(Path(args.data).resolve()),
             "language": transcriber.language, "audio_context": transcriber.settings.audio_context,
             "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens, "num_beams": args.num_beams,
             "bound_by_reference": options.bound_by_reference}
+    result = as_transcribe = None
+    try:
+        result = evaluate_manifest(transcriber, args.data, batch_size=args.batch_size, limit=args.limit,
+                                   progress=not args.no_progress)
+    except NothingToEvaluate as e:
+        if not args.as_transcribe:
+            raise
+        meta["clip_pass"] = f"nothing scored: {e}"
+    if args.as_transcribe:  # the same model with transcribe's options, cut and guarded as transcribe does
+        as_transcribe = copy.copy(transcriber)
+        as_transcribe.options = transcribe_options(args)
+        long = evaluate_manifest(as_transcribe, args.data, limit=args.limit, progress=not args.no_progress,
+                                 as_transcribe=True, split=args.split, vad=not args.no_vad)
+        meta["transcribe"] = {**{k: v for k, v in long.summary().items() if k != "skipped_rows"},
+                              "split": args.split, "vad": not args.no_vad}
+        result = result or long
     write_eval_outputs(result, out, meta)
+    if as_transcribe is not None:
+        write_utterances(out / TRANSCRIBE_UTTERANCES, long)
     s = result.summary()
     for uid_reason in result.skipped:
         print(f"skipped {uid_reason['id']}: {uid_reason['reason']}", file=sys.stderr)
     rtf = f"{s['rtf']:.4f}" if s["rtf"] is not None else "n/a"
-    print(f"{s['n']} utterances ({s['skipped']} skipped): CER {s['cer']:.4f}, CER without spaces "
+    what = "clips" if "clip_pass" not in meta else "as transcribe (no row fits one clip)"
+    print(f"{s['n']} utterances ({s['skipped']} skipped), {what}: CER {s['cer']:.4f}, CER without spaces "
           f"{s['cer_nospace']:.4f}, WER {s['wer']:.4f}, sWER {s['swer']:.4f}; loops {s['loop_fraction']:.1%}, "
-          f"insertions {s['insertion_rate']:.4f}, length ratio {s['length_ratio']:.3f}; RTF {rtf}")
-    print(f"results in {out}/ (summary.json, summary.md, utterances.jsonl)")
+          f"insertions {s['insertion_rate']:.4f}, deletions {s['deletion_rate']:.4f}, length ratio "
+          f"{s['length_ratio']:.3f}; RTF {rtf}")
+    if as_transcribe is not None:
+        t = meta["transcribe"]
+        print(f"{t['n']} utterances ({t['skipped']} skipped) as transcribe decodes them: CER {t['cer']:.4f}, "
+              f"deletions {t['deletion_rate']:.4f}, insertions {t['insertion_rate']:.4f}, length ratio "
+              f"{t['length_ratio']:.3f}")
+    print(f"results in {out}/ (summary.json, summary.md, utterances.jsonl"
+          f"{', ' + TRANSCRIBE_UTTERANCES if as_transcribe is not None else ''})")
     from .report import write_report
 
     print(f"report: {write_report([out])}")
@@ -227,6 +260,42 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     serve(specs, host=args.host, port=args.port, options=options, decode=decode, split=args.split,
           vad=not args.no_vad)
     return 0
+
+
+def add_transcribe_arguments(p: argparse.ArgumentParser, cap_flag: str) -> None:
+    """The flags of how transcribe cuts and decodes (``transcribe``; ``eval --as-transcribe``)."""
+    p.add_argument(cap_flag, dest="transcribe_max_new_tokens", type=int, default=TRANSCRIBE_MAX_NEW_TOKENS,
+                   help="generation cap per piece (default: %(default)s, half Whisper's 448 positions)")
+    p.add_argument("--no-vad", action="store_true",
+                   help="no voice activity detection: decode every piece (default: Silero VAD cuts audio at "
+                   "its speech boundaries into pieces of at most the longest input the model was trained on (30 s at "
+                   "most; the model's asr_lora.json says), re-decodes a piece whose text is far shorter than "
+                   "its speech split at its speech spans, and leaves the stretches without speech "
+                   "undecoded)")
+    p.add_argument("--split", choices=["auto", "pauses", "windows"], default="auto",
+                   help="with --no-vad, how audio over 30 s is cut: 'pauses' at every pause of 0.4 s or more "
+                   "(pieces of 2-30 s, utterance-sized cues), 'windows' into 25-30 s windows at the quietest "
+                   "200 ms (fewest windows); 'auto' (default): pauses for a model trained with the trimmed "
+                   "audio context, whose encoder costs only a piece's length, windows otherwise")
+    p.add_argument("--no-speech-threshold", type=_threshold, default=NO_SPEECH_THRESHOLD, metavar="P|off",
+                   help="a piece whose no-speech probability exceeds this and whose decoding is not confident "
+                   "is silence, left empty (default: %(default)s, openai/whisper's)")
+    p.add_argument("--logprob-threshold", type=_threshold, default=LOGPROB_THRESHOLD, metavar="LP|off",
+                   help="a decoding whose average log-probability is above this is confident, and below it "
+                   "unsure (decoded again at a higher temperature) (default: %(default)s)")
+    p.add_argument("--compression-ratio-threshold", type=_threshold, default=COMPRESSION_RATIO_THRESHOLD,
+                   metavar="R|off", help="text more compressible than this is a repetition loop: decoded again "
+                   "at a higher temperature, and never confident (default: %(default)s)")
+    p.add_argument("--no-fallback", action="store_true",
+                   help="decode once, greedily (default: re-decode unsure or looping pieces at temperatures "
+                   "0.2, 0.4, ... 1.0, as openai/whisper does, and when no attempt passes keep the most probable "
+                   "one under the compression-ratio threshold, greedy's included, as faster-whisper does)")
+    p.add_argument("--timestamps", action="store_true",
+                   help="cues from the model's own timestamp tokens inside each piece, offset by the piece's "
+                   "start, in srt/vtt/json/tsv (default: one cue per piece, the piece boundaries)")
+    p.add_argument("--prompt", default=None, metavar="TEXT",
+                   help="initial prompt before every piece (<|startofprev|> tokens, at most 223, cut from the left): "
+                   "vocabulary, names, spelling or style to follow")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -331,35 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="output folder (default: print to stdout)")
     p.add_argument("--batch-size", type=int, default=TRANSCRIBE_BATCH_SIZE,
                    help="pieces (up to 30 s each) per batch (default: %(default)s)")
-    p.add_argument("--max-new-tokens", type=int, default=TRANSCRIBE_MAX_NEW_TOKENS,
-                   help="generation cap per piece (default: %(default)s, half Whisper's 448 positions)")
-    p.add_argument("--no-vad", action="store_true",
-                   help="no voice activity detection: decode every piece (default: Silero VAD cuts audio at "
-                   "its speech boundaries into pieces of at most 30 s and leaves the stretches without speech "
-                   "undecoded)")
-    p.add_argument("--split", choices=["auto", "pauses", "windows"], default="auto",
-                   help="with --no-vad, how audio over 30 s is cut: 'pauses' at every pause of 0.4 s or more "
-                   "(pieces of 2-30 s, utterance-sized cues), 'windows' into 25-30 s windows at the quietest "
-                   "200 ms (fewest windows); 'auto' (default): pauses for a model trained with the trimmed "
-                   "audio context, whose encoder costs only a piece's length, windows otherwise")
-    p.add_argument("--no-speech-threshold", type=_threshold, default=NO_SPEECH_THRESHOLD, metavar="P|off",
-                   help="a piece whose no-speech probability exceeds this and whose decoding is not confident "
-                   "is silence, left empty (default: %(default)s, openai/whisper's)")
-    p.add_argument("--logprob-threshold", type=_threshold, default=LOGPROB_THRESHOLD, metavar="LP|off",
-                   help="a decoding whose average log-probability is above this is confident, and below it "
-                   "unsure (decoded again at a higher temperature) (default: %(default)s)")
-    p.add_argument("--compression-ratio-threshold", type=_threshold, default=COMPRESSION_RATIO_THRESHOLD,
-                   metavar="R|off", help="text more compressible than this is a repetition loop: decoded again "
-                   "at a higher temperature, and never confident (default: %(default)s)")
-    p.add_argument("--no-fallback", action="store_true",
-                   help="decode once, greedily (default: re-decode unsure or looping pieces at temperatures "
-                   "0.2, 0.4, ... 1.0, as openai/whisper does)")
-    p.add_argument("--timestamps", action="store_true",
-                   help="cues from the model's own timestamp tokens inside each piece, offset by the piece's "
-                   "start, in srt/vtt/json/tsv (default: one cue per piece, the piece boundaries)")
-    p.add_argument("--prompt", default=None, metavar="TEXT",
-                   help="initial prompt before every piece (<|startofprev|> tokens, at most 223, cut from the left): "
-                   "vocabulary, names, spelling or style to follow")
+    add_transcribe_arguments(p, "--max-new-tokens")
     p.add_argument("--condition-on-previous-text", action="store_true",
                    help="prompt each piece of long audio with the previous piece's text (after --prompt); pieces of "
                    "a file are then decoded one by one. Off by default: a wrong or looping piece is fed to the "
@@ -388,6 +429,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="do not cap each batch at 2 x its longest reference + 8 tokens (training's dev "
                    "evaluation does, so by default the two give the same transcripts)")
     p.add_argument("--limit", type=int, default=None, help="score only the first N rows")
+    p.add_argument("--as-transcribe", action="store_true",
+                   help="also decode every row as 'asr-lora transcribe' decodes a file (VAD pieces, fallback, "
+                   "silence rule, completeness guard; rows of any length) and report it beside the clip CER: "
+                   "summary.json 'transcribe', utterances_transcribe.jsonl. What 'transcribe' and 'serve' give "
+                   "users; the flags below set it as they set transcribe")
+    add_transcribe_arguments(p, "--transcribe-max-new-tokens")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_eval)
 

@@ -16,7 +16,7 @@ from .data.manifest import read_rows
 from .evaluate import EvalResult, evaluate_rows
 from .sources import ModelSource, load_transcriber
 from .report import write_report
-from .train import run_training
+from .train import LONGFORM_KEYS, run_training
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_RECIPE = REPO / "recipes" / "demo" / "whisper-base_lora.yaml"
@@ -59,19 +59,26 @@ def run_demo(output_dir: str | None = None, overrides: list[str] = (), recipe: P
         print(f"      {uid}\n        ref: {ref}\n        hyp: {hyp}")
 
     print("\ndev CER per checkpoint (non-sp: share of non-speech dev clips that got any output; "
-          f"guard: WER on data.guard, {cfg.data.guard_language}):")
-    print(f"  {'step':>6} {'CER':>7} {'CER-ns':>7} {'WER':>7} {'sWER':>7} {'loss':>7} {'non-sp':>7} {'guard':>7}")
+          f"guard: WER on data.guard, {cfg.data.guard_language}; long: CER of dev rows joined into 20-30 s inputs; "
+          "file: CER and deletion rate of one file of them cut as transcribe cuts it):")
+    print(f"  {'step':>6} {'CER':>7} {'CER-ns':>7} {'WER':>7} {'sWER':>7} {'loss':>7} {'non-sp':>7} {'guard':>7} "
+          f"{'long':>7} {'file':>7} {'file-del':>8}")
+
+    def cell(m: dict, key: str, width: int = 7) -> str:
+        return f"{m[key]:>{width}.4f}" if m.get(key) is not None else f"{'':>{width}}"
+
     for m in evals:
-        share = f"{m['nonspeech_share']:>7.3f}" if m.get("nonspeech_share") is not None else f"{'':>7}"
-        guard = f"{m['guard_wer']:>7.4f}" if m.get("guard_wer") is not None else f"{'':>7}"
         step = "0 (base)" if m.get("zero_shot") else m["step"]
         print(f"  {step:>6} {m['cer']:>7.4f} {m['cer_nospace']:>7.4f} {m['wer']:>7.4f} {m['swer']:>7.4f} "
-              f"{m['eval_loss']:>7.4f} {share} {guard}")
+              f"{m['eval_loss']:>7.4f} {cell(m, 'nonspeech_share')} {cell(m, 'guard_wer')} {cell(m, 'longform_cer')} "
+              f"{cell(m, 'longfile_cer')} {cell(m, 'longfile_deletion_rate', 8)}")
     minutes = (time.perf_counter() - t0) / 60
     summary = {"zero_shot_test_cer": base.report.cer, "best_step": trainer.state.best_step,
                "best_test_cer": tuned.report.cer, "best_test_cer_nospace": tuned.report.cer_nospace,
                "dev_cer_by_step": {m["step"]: m["cer"] for m in evals}, "examples": examples,
                "guard_wer_by_step": {m["step"]: m["guard_wer"] for m in evals if m.get("guard_wer") is not None},
+               "longform_by_step": {m["step"]: {k: m[k] for k in LONGFORM_KEYS} for m in evals
+                                    if m.get("longform_cer") is not None},
                "select_best": cfg.train.select_best,
                "minutes": round(minutes, 1), "output_dir": str(out)}
     write_json_atomic(out / "demo_summary.json", summary)

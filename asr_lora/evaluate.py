@@ -9,18 +9,22 @@ from __future__ import annotations
 
 import json
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-from .data.manifest import ManifestRow, length_hint, load_row_audio, read_rows
+from .data.concat import JoinedRow, load_input
+from .data.manifest import ManifestRow, length_hint, read_rows
 from .errors import UserError
 from .metrics import Report, score
 
-SUMMARY_KEYS = ("n", "cer", "cer_nospace", "wer", "swer", "insertion_rate", "loop_fraction", "length_ratio",
+SUMMARY_KEYS = ("n", "cer", "cer_nospace", "wer", "swer", "insertion_rate", "deletion_rate", "loop_fraction",
+                "length_ratio",
                 "decode_seconds", "audio_seconds", "rtf", "skipped")
 WORST_SHOWN = 10
 UTTERANCES_FILE = "utterances.jsonl"
+TRANSCRIBE_UTTERANCES = "utterances_transcribe.jsonl"  # eval --as-transcribe
 SIGNAL_KEYS = ("no_speech_prob", "avg_logprob", "compression_ratio", "temperature", "skip_reason")
 LONG_HINT = "; eval scores single Whisper windows, use transcribe for long audio"
 
@@ -67,7 +71,8 @@ class EvalResult:
         r = self.report
         loops = sum(hypothesis_loops(u["hyp"], u["ref"]) for u in self.utterances_in)
         return {"n": r.n, "cer": r.cer, "cer_nospace": r.cer_nospace, "wer": r.wer, "swer": r.swer,
-                "insertion_rate": r.insertion_rate, "loop_fraction": loops / max(r.n, 1),
+                "insertion_rate": r.insertion_rate, "deletion_rate": r.deletion_rate,
+                "loop_fraction": loops / max(r.n, 1),
                 "length_ratio": r.length_ratio, "decode_seconds": round(self.decode_seconds, 3),
                 "audio_seconds": round(self.audio_seconds, 3),
                 "rtf": self.decode_seconds / self.audio_seconds if self.audio_seconds else None,
@@ -109,7 +114,7 @@ def scored(utterances: list[dict], skipped: list[dict], **kwargs) -> EvalResult:
     return result
 
 
-def evaluate_rows(transcriber, rows: Sequence[ManifestRow], *, batch_size: int = 16,
+def evaluate_rows(transcriber, rows: Sequence[ManifestRow | JoinedRow], *, batch_size: int = 16,
                   loss: Callable | None = None, before_batch: Callable[[int], None] | None = None,
                   progress: bool = False) -> EvalResult:
     """Decode ``rows`` (ids filled in) with ``transcriber`` and score them.
@@ -125,16 +130,12 @@ def evaluate_rows(transcriber, rows: Sequence[ManifestRow], *, batch_size: int =
     from .audio import SAMPLE_RATE, AudioError
 
     start = time.perf_counter()
-    model = getattr(transcriber, "model", None)
-    was_training = bool(getattr(model, "training", False))
-    if was_training:
-        model.eval()
     done: list[tuple[int, dict]] = []
     skipped: list[dict] = []
     loss_sum, n_tokens = 0.0, 0
     decode_seconds = audio_seconds = 0.0
     order = sorted(range(len(rows)), key=lambda i: length_hint(rows[i]))
-    try:
+    with eval_mode(transcriber):
         for k, first in enumerate(tqdm(range(0, len(rows), batch_size), desc="eval", leave=False,
                                        disable=not progress)):
             if before_batch is not None:
@@ -142,7 +143,7 @@ def evaluate_rows(transcriber, rows: Sequence[ManifestRow], *, batch_size: int =
             batch, audios = [], []
             for i in order[first:first + batch_size]:
                 try:
-                    audios.append(load_row_audio(rows[i], max_seconds=30.0))
+                    audios.append(load_input(rows[i], max_seconds=30.0))
                 except AudioError as e:
                     hint = LONG_HINT if "longer than" in (e.reason or "") else ""
                     skipped.append({"id": rows[i].id, "reason": str(e) + hint})
@@ -167,12 +168,108 @@ def evaluate_rows(transcriber, rows: Sequence[ManifestRow], *, batch_size: int =
                 done.append((i, {"id": row.id, "audio": row.audio, "offset": row.offset, "end": row.end,
                                  "duration": round(duration, 3), "ref": row.text, "hyp": hyp.text,
                                  "nonspeech": row.nonspeech, **hyp.to_json()}))
-    finally:
-        if was_training:
-            model.train()
     utterances = [u for _, u in sorted(done, key=lambda x: x[0])]
     return scored(utterances, skipped, decode_seconds=decode_seconds, audio_seconds=audio_seconds,
                   seconds=time.perf_counter() - start, eval_loss=loss_sum / n_tokens if loss and n_tokens else None)
+
+
+@contextmanager
+def eval_mode(transcriber):
+    """The transcriber's model in eval mode (no dropout) for the block, its training mode back after."""
+    model = getattr(transcriber, "model", None)
+    was_training = bool(getattr(model, "training", False))
+    if was_training:
+        model.eval()
+    try:
+        yield
+    finally:
+        if was_training:
+            model.train()
+
+
+def evaluate_as_transcribe(transcriber, rows: Sequence[ManifestRow | JoinedRow], *, split: str = "auto",
+                           vad: bool = True, progress: bool = False) -> EvalResult:
+    """Decode each row as ``asr-lora transcribe`` decodes a file (:func:`asr_lora.transcribe.transcribe_audio`:
+    VAD pieces within the model's trained input length, the transcriber's options with their fallback and
+    silence rule, the completeness guard) and score the joined text. Rows of any length; unreadable rows
+    are skipped with a reason. Each utterance line gets ``pieces`` (decoded) and ``redecoded`` (pieces the
+    completeness guard split)."""
+    from tqdm import tqdm
+
+    from .audio import SAMPLE_RATE, AudioError
+    from .transcribe import resolve_split, transcribe_audio
+
+    start = time.perf_counter()
+    split = resolve_split(split, transcriber.settings)
+    done, skipped = [], []
+    decode_seconds = audio_seconds = 0.0
+    for row in tqdm(rows, desc="eval (as transcribe)", leave=False, disable=not progress):
+        try:
+            audio = load_input(row)
+        except AudioError as e:
+            skipped.append({"id": row.id, "reason": str(e)})
+            continue
+        t0 = time.perf_counter()
+        with eval_mode(transcriber):
+            segments = transcribe_audio(audio, transcriber.decode, split, vad, transcriber.settings)
+        decode_seconds += time.perf_counter() - t0
+        audio_seconds += len(audio) / SAMPLE_RATE
+        decoded = [s for s in segments if "avg_logprob" in s]
+        done.append({"id": row.id, "audio": row.audio, "offset": row.offset, "end": row.end,
+                     "duration": round(len(audio) / SAMPLE_RATE, 3), "ref": row.text,
+                     "hyp": " ".join(s["text"] for s in segments if s["text"]).strip(), "nonspeech": row.nonspeech,
+                     "pieces": len(decoded),
+                     "redecoded": sum(1 for s in decoded if s.get("redecoded"))})
+    return scored(done, skipped, decode_seconds=decode_seconds, audio_seconds=audio_seconds,
+                  seconds=time.perf_counter() - start)
+
+
+@dataclass
+class LongformProbe:
+    """Fixed long-form inputs made of dev rows (``eval.longform_*``): ``inputs``, consecutive rows joined
+    into inputs of 20-30 s, and ``file``, all of them joined into one file."""
+
+    inputs: list[JoinedRow]
+    file: JoinedRow
+
+    @classmethod
+    def from_rows(cls, rows: Sequence[ManifestRow], n: int, seconds: Sequence[float], pause: float) -> LongformProbe:
+        from .data.concat import group_rows, joined
+
+        speech = [r for r in rows if not r.nonspeech][:n]
+        if not speech:
+            raise UserError("the long-form probe (eval.longform_rows) needs speech rows in data.dev")
+        groups = group_rows(speech, seconds[0], seconds[1], pause)
+        return cls([joined(g, pause) for g in groups], joined(speech, pause))
+
+    def describe(self) -> str:
+        minutes = (sum(map(length_hint, self.file.parts)) + sum(self.file.pauses)) / 60
+        return (f"long-form probe: {len(self.file.parts)} dev rows as {len(self.inputs)} joined inputs and one "
+                f"{minutes:.1f}-minute file")
+
+
+def score_longform(probe: LongformProbe, whole, file) -> tuple[dict, list[dict]]:
+    """The long-form probe decoded: ``whole`` (a transcriber) decodes each joined input as one piece,
+    ``file`` (a transcriber with transcription's options) decodes the file as ``asr-lora transcribe``
+    does. Returns ``longform_cer``, ``longform_deletion_rate``, ``longfile_cer``,
+    ``longfile_deletion_rate``, ``longfile_pieces`` and the utterance lines (ids prefixed ``longform:`` /
+    ``longfile:``)."""
+    metrics: dict = {}
+    lines: list[dict] = []
+    try:  # unreadable dev audio leaves the probe's keys out; the evaluation goes on
+        inputs = evaluate_rows(whole, probe.inputs, batch_size=len(probe.inputs))
+        metrics.update(longform_cer=inputs.report.cer, longform_deletion_rate=inputs.report.deletion_rate)
+        lines += [{**u, "id": f"longform-{k + 1}"} for k, u in enumerate(inputs.utterances())]
+    except NothingToEvaluate:
+        pass
+    try:
+        long_file = evaluate_as_transcribe(file, [probe.file])
+        metrics.update(longfile_cer=long_file.report.cer, longfile_deletion_rate=long_file.report.deletion_rate,
+                       longfile_pieces=long_file.utterances_in[0]["pieces"])
+        lines += [{**u, "id": "longfile"} for u in long_file.utterances()]
+    except NothingToEvaluate:
+        pass
+    return metrics, lines
 
 
 # --------------------------------------------------------------------------- `asr-lora eval`
@@ -191,17 +288,22 @@ def hypothesis_loops(hyp: str, ref: str = "") -> bool:
 
 
 def evaluate_manifest(transcriber, manifest: str | Path, *, batch_size: int = 16, limit: int | None = None,
-                      progress: bool = True) -> EvalResult:
+                      progress: bool = True, as_transcribe: bool = False, split: str = "auto",
+                      vad: bool = True) -> EvalResult:
     """Transcribe every row of ``manifest`` in batches with ``transcriber`` (see
     :func:`asr_lora.sources.load_transcriber`) and score it. Malformed rows, unreadable audio and
-    clips longer than 30 s are skipped with a reason, never fatal."""
+    clips longer than 30 s are skipped with a reason, never fatal. ``as_transcribe``: each row decoded
+    as ``asr-lora transcribe`` decodes a file (:func:`evaluate_as_transcribe`; rows of any length)."""
     manifest = Path(manifest)
     rows, bad = read_rows(manifest, strict=False)
     if limit:
         rows = rows[:limit]
     skipped = [{"id": f"line {b.line}", "reason": f"{b.reason}: {b.detail}".rstrip(": ")} for b in bad]
     try:
-        result = evaluate_rows(transcriber, rows, batch_size=batch_size, progress=progress)
+        if as_transcribe:
+            result = evaluate_as_transcribe(transcriber, rows, split=split, vad=vad, progress=progress)
+        else:
+            result = evaluate_rows(transcriber, rows, batch_size=batch_size, progress=progress)
     except NothingToEvaluate as e:
         raise NothingToEvaluate(f"{manifest}: {e}" if rows else f"{manifest}: no rows") from None
     result.skipped = skipped + result.skipped

@@ -90,6 +90,11 @@ class Report:
         return _rate(self.chars.insertions, self.chars.ref)
 
     @property
+    def deletion_rate(self) -> float:
+        """Character deletions / reference characters: high values flag lost speech."""
+        return _rate(self.chars.deletions, self.chars.ref)
+
+    @property
     def length_ratio(self) -> float:
         """Hypothesis characters / reference characters (spaces included); 1.0 if both are 0."""
         if self.chars.ref == 0 and self.chars.hyp == 0:
@@ -105,6 +110,7 @@ class Report:
             "wer": self.wer,
             "swer": self.swer,
             "insertion_rate": self.insertion_rate,
+            "deletion_rate": self.deletion_rate,
             "length_ratio": self.length_ratio,
             "n_empty_ref": self.n_empty_ref,
         }

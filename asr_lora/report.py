@@ -364,7 +364,8 @@ def run_plot(src: Source, salt: str) -> str | None:
     """Dev error rates, losses and (when logged) hallucination indicators per step, as an SVG."""
     if not src.evals or src.kind != "run":
         return None
-    hallu = [k for k in ("nonspeech_share", "guard_wer", "loop_share", "insertion_rate")
+    hallu = [k for k in ("nonspeech_share", "guard_wer", "loop_share", "insertion_rate", "longform_cer",
+                         "longfile_cer", "longfile_deletion_rate")
              if any(k in r for r in src.evals)]
     fig, axes = _figure(11 if hallu else 8, 3.1, 3 if hallu else 2)
     for key, label in RATE_KEYS:
@@ -379,7 +380,9 @@ def run_plot(src: Source, salt: str) -> str | None:
     _finish(axes[1], "loss", src.best_step, percent=False)
     if hallu:
         labels = {"nonspeech_share": "non-speech clips with output", "loop_share": "looping hypotheses",
-                  "insertion_rate": "character insertion rate", "guard_wer": "guard WER (second language)"}
+                  "insertion_rate": "character insertion rate", "guard_wer": "guard WER (second language)",
+                  "longform_cer": "long-form CER (20-30 s inputs)", "longfile_cer": "long-form file CER",
+                  "longfile_deletion_rate": "long-form file deletions"}
         for key in hallu:
             _line(axes[2], src.evals, key, labels[key])
         title = "guards and hallucination indicators" if "guard_wer" in hallu else "hallucination indicators"
@@ -462,6 +465,8 @@ CHECKPOINT_COLUMNS = (("cer", "CER", _pct), ("cer_nospace", "CER no spaces", _pc
                       ("swer", "sWER", _pct), ("eval_loss", "dev loss", lambda v: _num(v, 4)),
                       ("nonspeech_share", "non-speech with output", _pct), ("guard_wer", "guard WER", _pct),
                       ("guard_cer", "guard CER", _pct),
+                      ("longform_cer", "long-form CER", _pct), ("longform_deletion_rate", "long-form deletions", _pct),
+                      ("longfile_cer", "long file CER", _pct), ("longfile_deletion_rate", "long file deletions", _pct),
                       ("loop_share", "loops", _pct), ("insertion_rate", "insertions", _pct),
                       ("length_ratio", "length ratio", lambda v: _num(v, 3)),
                       ("empty_share", "empty hyps", _pct), ("eval_n", "n", lambda v: _num(v, 0)),
@@ -639,12 +644,15 @@ LEGEND = ('<p class="legend">Texts as scored (normalised). <span class="sub">sub
 def best_rule(recipe: dict | None) -> str:
     """How the run chose best/ (``train.select_best``), when it was not simply the lowest dev CER."""
     train = (recipe or {}).get("train")
-    if not isinstance(train, dict) or train.get("select_best") != "cer_guarded":
+    rule = train.get("select_best") if isinstance(train, dict) else None
+    if rule == "longform":
+        return "; chosen by train.select_best=longform (the lowest long-form probe CER)"
+    if rule not in ("cer_guarded", "longform_guarded"):
         return ""
     limits = [f"{label} ≤ {_pct(train[key], 1)}" for key, label in (("max_nonspeech_share", "non-speech share"),
                                                                     ("max_guard_wer", "guard WER"))
               if _number(train.get(key)) is not None]
-    return f"; chosen by train.select_best=cer_guarded ({', '.join(limits) or 'no limits'})"
+    return f"; chosen by train.select_best={rule} ({', '.join(limits) or 'no limits'})"
 
 
 def source_section(src: Source, index: int, shelf: AudioShelf, worst: int) -> str:
@@ -692,6 +700,8 @@ def compare_section(sources: list[Source], shelf: AudioShelf, worst: int) -> str
         rows.append([label, *(_pct(r.get(key)) for r in shown)])
     rows.append(["zero-shot CER", *(_pct(z.get("cer")) for z in zeros)])
     for key, label in (("nonspeech_share", "non-speech with output"), ("guard_wer", "guard WER"),
+                       ("longform_cer", "long-form CER"), ("longfile_cer", "long file CER"),
+                       ("longfile_deletion_rate", "long file deletions"),
                        ("loop_share", "looping hypotheses"),
                        ("insertion_rate", "insertion rate"), ("length_ratio", "length ratio")):
         if any(key in r for r in shown):

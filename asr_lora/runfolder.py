@@ -233,8 +233,8 @@ class RunFolder:
             raise TrainingError(write_error(f"run records in {self.path}", e, self.path)) from e
 
     def plot_cer(self) -> None:
-        """``cer.png``: dev CER (with and without spaces) per checkpoint; with a guard set, its WER and
-        CER in a second panel."""
+        """``cer.png``: dev CER (with and without spaces) per checkpoint, and the long-form probe's CERs
+        when it is scored; with a guard set, its WER and CER in a second panel."""
         import matplotlib
 
         matplotlib.use("Agg")
@@ -246,6 +246,10 @@ class RunFolder:
         ax = axes[0][0]
         ax.plot([r["step"] for r in records], [r["cer"] for r in records], marker="o", label="CER")
         ax.plot([r["step"] for r in records], [r["cer_nospace"] for r in records], marker=".", label="CER (no spaces)")
+        for key, label in (("longform_cer", "long-form CER (20-30 s inputs)"), ("longfile_cer", "long-form file CER")):
+            probe = [r for r in records if r.get(key) is not None]
+            if probe:  # the long-form probe: joined dev rows, and one file cut as transcribe cuts it
+                ax.plot([r["step"] for r in probe], [r[key] for r in probe], marker="^", linestyle=":", label=label)
         shares = [r for r in records if r.get("nonspeech_share") is not None]
         if shares:  # the non-speech dev clips that got any output
             ax.plot([r["step"] for r in shares], [r["nonspeech_share"] for r in shares], marker="s", linestyle="--",

@@ -66,8 +66,11 @@ from .runfolder import TRAINER_STATE, RunFolder, latest_checkpoint, step_name
 
 TEST_PAUSE_ENV = "ASR_LORA_TEST_PAUSE"  # test-only: "POINT@STEP", see the module docstring
 TEST_PAUSE_MARKER = ".test-paused"
-BEST_KEYS = ("cer", "nonspeech_share", "guard_wer")  # what train.select_best compares, kept in TrainerState
+BEST_KEYS = ("cer", "nonspeech_share", "guard_wer", "longform_cer", "longfile_cer")  # what train.select_best
+# compares, kept in TrainerState
 GUARD_PREFIX = "guard-"  # eval/guard-step-NNNNNN.jsonl: the guard set's utterances of each evaluation
+LONGFORM_PREFIX = "longform-"  # eval/longform-step-NNNNNN.jsonl: the long-form probe's inputs and file
+LONGFORM_KEYS = ("longform_cer", "longform_deletion_rate", "longfile_cer", "longfile_deletion_rate")
 EVAL_HEADER = f"{'step':>6} {'CER':>7} {'CER-ns':>7} {'WER':>7} {'sWER':>7} {'loss':>7} {'eval s':>7}"
 
 
@@ -160,7 +163,11 @@ class Trainer:
 
         from .backends import DecodeOptions
         from .bundled import resolve_model
+        from dataclasses import replace
+
+        from .data.concat import concatenation, trained_on
         from .data.manifest import read_rows, training_rows
+        from .evaluate import LongformProbe
         from .model import build_training_model, trainable_parameters
         from .settings import settings_from_recipe
         from .trimmed import apply_audio_context, feature_padding
@@ -177,6 +184,9 @@ class Trainer:
         seed_everything(cfg.train.seed)
         self.train_rows, self.dev_rows = training_rows(cfg)
         self.guard_rows = read_rows(cfg.data.guard)[0] if cfg.data.guard else []
+        self.longform = LongformProbe.from_rows(read_rows(cfg.data.dev)[0], cfg.eval.longform_rows,
+                                                cfg.eval.longform_seconds, cfg.eval.longform_pause) \
+            if cfg.eval.longform_rows else None
 
         model_path = resolve_model(cfg.model.name) if acc.is_main_process else None
         acc.wait_for_everyone()
@@ -186,7 +196,8 @@ class Trainer:
         model = build_training_model(cfg.model, cfg.lora, device_map=device_map)  # safetensors only, unless asked
         apply_audio_context(model, cfg.model.audio_context)
         apply_spec_augment(model, cfg.augment)  # train mode only; eval/generation never mask
-        self.settings = settings_from_recipe(cfg)
+        self.concat = concatenation(self.train_rows, cfg.data, cfg.train.seed)  # multi-utterance inputs
+        self.settings = replace(settings_from_recipe(cfg), trained_on=trained_on(self.train_rows, self.concat))
         self.eval_options = DecodeOptions(language=cfg.model.language, task=cfg.model.task,
                                           max_new_tokens=cfg.eval.max_new_tokens, num_beams=cfg.eval.num_beams,
                                           bound_by_reference=True, temperatures=(0.0,))
@@ -221,6 +232,8 @@ class Trainer:
             if getattr(tracker, "name", None) == "tensorboard":
                 tracker.init_kwargs["purge_step"] = self.state.step + 1
         acc.init_trackers("asr-lora", config=flat_config(cfg), init_kwargs={"wandb": {"name": self.out.name}})
+        if self.longform is not None:
+            self.log(self.longform.describe())
         self.log(f"trainable params: {self.trainable:,} of {self.total_params:,} "
                  f"({100 * self.trainable / self.total_params:.2f}%); {len(self.train_rows)} train rows, "
                  f"{len(self.dev_rows)} dev rows; world size {acc.num_processes}")
@@ -348,13 +361,13 @@ class Trainer:
         from .data.samplers import BatchPlan
 
         cfg, acc, st = self.cfg.train, self.accelerator, self.state
-        self.plan = BatchPlan.for_rows(self.train_rows, cfg, self.cfg.model.audio_context)
+        self.plan = BatchPlan.for_rows(self.train_rows, cfg, self.cfg.model.audio_context, self.concat)
         workers, steps = resolve_num_workers(cfg.num_workers, acc.device), cfg.max_steps - st.step
         order = self.plan.rank_epoch_batches(st.epoch, st.batch_in_epoch, cfg.grad_accum * acc.num_processes, steps,
                                        acc.process_index, acc.num_processes)
         self.log(f"{self.plan}; loaded {f'by {workers} worker processes each' if workers else 'in the loop'}")
         return micro_batches(self.train_rows, self.collator, order, steps * cfg.grad_accum, workers,
-                             pin_memory=acc.device.type == "cuda")
+                             pin_memory=acc.device.type == "cuda", concat=self.concat)
 
     def _count_bad_rows(self, batches: list[dict]) -> list[tuple[str, str]]:
         """Log and count (once per distinct row) the rows the collator left out; stop past the limit.
@@ -396,8 +409,11 @@ class Trainer:
 
         cfg, acc, st = self.cfg, self.accelerator, self.state
         model, context = acc.unwrap_model(self.model), "full" if zero_shot else cfg.model.audio_context
-        transcriber = HFTranscriber(apply_audio_context(model, context), self.tokenizer,
-                                    replace(self.settings, audio_context=context), self.eval_options, "training")
+        # zero-shot: the base, in its own 30 s context, trained on nothing of this run
+        settings = replace(self.settings, audio_context=context, trained_on=None if zero_shot else
+                           self.settings.trained_on)
+        transcriber = HFTranscriber(apply_audio_context(model, context), self.tokenizer, settings,
+                                    self.eval_options, "training")
         shard = self.dev_rows[acc.process_index::acc.num_processes]
         start, result, why = time.perf_counter(), None, "no dev rows"
         restore_layout = column_major_decoder(model)  # faster decoding steps on a CPU; training's layout after
@@ -409,6 +425,7 @@ class Trainer:
                                                     cfg.eval)
                 result = evaluate_rows(transcriber, shard, batch_size=cfg.eval.batch_size, loss=self._eval_loss,
                                        before_batch=lambda k: k == 1 and self._test_pause("eval", st.step))
+                longform, longform_lines = self._longform(transcriber)
         except NothingToEvaluate as e:
             why = str(e)  # this shard was unreadable; others may not be: decide together
         finally:
@@ -419,21 +436,51 @@ class Trainer:
         if result is None:
             raise TrainingError(f"step {st.step}: no dev row of {cfg.data.dev} could be read ({why})")
         result.seconds = time.perf_counter() - start
-        metrics = {"step": st.step, **result.metrics(), **guard, "bad_rows": st.bad_rows,
+        metrics = {"step": st.step, **result.metrics(), **guard, **longform, "bad_rows": st.bad_rows,
                    "skipped_updates": st.skipped_updates}
         if zero_shot:
             metrics["zero_shot"] = True
         elif note := update_best(st, metrics, cfg.train):
             self.log(f"step {st.step}: {note}")
         self._record(metrics, {f"dev/{k}": metrics.get(k) for k in ("cer", "cer_nospace", "wer", "swer", "eval_loss",
-                                                                    "nonspeech_share", "guard_wer", "guard_cer")})
+                                                                    "nonspeech_share", "guard_wer", "guard_cer",
+                                                                    *LONGFORM_KEYS)})
         if acc.is_main_process:
             self.run.write_eval_utterances(st.step, result.utterances())
             if guard_lines:
                 self.run.write_eval_utterances(st.step, guard_lines, prefix=GUARD_PREFIX)
+            if longform_lines:
+                self.run.write_eval_utterances(st.step, longform_lines, prefix=LONGFORM_PREFIX)
             self._print_eval_row(metrics)
             self.run.plot_cer()
         return metrics
+
+    def _longform(self, transcriber) -> tuple[dict, list[dict]]:
+        """The long-form probe (``eval.longform_rows``) with the evaluation's model: each joined input
+        decoded whole with the evaluation's options (a cap that fits the input), the file decoded as
+        ``asr-lora transcribe`` decodes it (its options: fallback, silence rule, completeness guard).
+        Decoded on the main process, the metrics sent to the others; ``({}, [])`` without a probe."""
+        from dataclasses import replace
+
+        from .backends import DecodeOptions, HFTranscriber
+        from .defaults import TRANSCRIBE_MAX_NEW_TOKENS
+        from .evaluate import score_longform
+
+        acc, cfg = self.accelerator, self.cfg
+        if self.longform is None:
+            return {}, []
+        out: list = [({}, [])]
+        if acc.is_main_process:
+            whole = HFTranscriber(transcriber.model, transcriber.tokenizer, transcriber.settings,
+                                  replace(transcriber.options, max_new_tokens=TRANSCRIBE_MAX_NEW_TOKENS), "long-form")
+            file = HFTranscriber(transcriber.model, transcriber.tokenizer, transcriber.settings,
+                                 DecodeOptions(language=cfg.model.language, task=cfg.model.task), "long-form file")
+            out = [score_longform(self.longform, whole, file)]
+        if acc.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            out = broadcast_object_list(out)
+        return out[0][0], (out[0][1] if acc.is_main_process else [])
 
     def _eval_loss(self, encoded, rows: list) -> tuple[torch.Tensor, int]:
         """Teacher-forced dev loss on the encoder outputs of one evaluation batch."""
@@ -650,13 +697,22 @@ def is_better(metrics: dict, best: dict, cfg: TrainConfig) -> bool:
     within them replaces it whatever its CER."""
     if not best:
         return True
-    if cfg.select_best == "cer":
-        return metrics["cer"] < best["cer"]
+    if cfg.select_best in ("cer", "longform"):
+        return selected_cer(metrics, cfg) < selected_cer(best, cfg)
 
     def rank(m: dict) -> tuple:
-        return bool(limit_breaches(m, cfg)), m["cer"], m.get("nonspeech_share") or 0.0
+        return bool(limit_breaches(m, cfg)), selected_cer(m, cfg), m.get("nonspeech_share") or 0.0
 
     return rank(metrics) < rank(best)
+
+
+def selected_cer(metrics: dict, cfg: TrainConfig) -> float:
+    """The CER ``train.select_best`` ranks by: dev CER, or for ``longform*`` the long-form probe's (the
+    mean of ``longform_cer`` and ``longfile_cer``; dev CER for a record without them)."""
+    probe = [metrics.get(k) for k in ("longform_cer", "longfile_cer") if metrics.get(k) is not None]
+    if cfg.select_best.startswith("longform") and probe:
+        return sum(probe) / len(probe)
+    return metrics["cer"]
 
 
 def update_best(st: TrainerState, metrics: dict, cfg: TrainConfig) -> str | None:
@@ -670,7 +726,7 @@ def update_best(st: TrainerState, metrics: dict, cfg: TrainConfig) -> str | None
         st.best_metrics = {k: metrics.get(k) for k in BEST_KEYS}
     else:
         st.evals_without_improvement += 1
-    breaches = limit_breaches(metrics, cfg) if cfg.select_best == "cer_guarded" else []
+    breaches = limit_breaches(metrics, cfg) if cfg.select_best.endswith("_guarded") else []
     if not breaches:
         return None
     if better:

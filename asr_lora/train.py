@@ -423,11 +423,13 @@ class Trainer:
             with base_only:
                 guard, guard_lines = evaluate_guard(transcriber, self.guard_rows, cfg.data.guard_language, acc,
                                                     cfg.eval)
-                result = evaluate_rows(transcriber, shard, batch_size=cfg.eval.batch_size, loss=self._eval_loss,
-                                       before_batch=lambda k: k == 1 and self._test_pause("eval", st.step))
+                try:
+                    result = evaluate_rows(transcriber, shard, batch_size=cfg.eval.batch_size, loss=self._eval_loss,
+                                           before_batch=lambda k: k == 1 and self._test_pause("eval", st.step))
+                except NothingToEvaluate as e:
+                    why = str(e)  # this shard was unreadable; others may not be: decide together
+                # every process, whatever its shard gave: the probe's metrics are broadcast to all
                 longform, longform_lines = self._longform(transcriber)
-        except NothingToEvaluate as e:
-            why = str(e)  # this shard was unreadable; others may not be: decide together
         finally:
             restore_layout()
             apply_audio_context(model, cfg.model.audio_context)

@@ -79,7 +79,8 @@ def test_update_best_falls_back_to_the_lowest_cer_logs_it_and_counts_for_early_s
         notes.append(update_best(st, metrics, cfg))
         counters.append(st.evals_without_improvement)
     assert (st.best_step, st.best_cer, st.best_metrics) == (150, 0.22, {"cer": 0.22, "nonspeech_share": 0.0,
-                                                                         "guard_wer": None})
+                                                                         "guard_wer": None, "longform_cer": None,
+                                                                         "longfile_cer": None})
     assert counters == [0, 0, 0, 1, 0, 1]
     assert "no checkpoint within the limits yet (nonspeech_share 0.1 > 0.05)" in notes[0]
     assert "no checkpoint within the limits yet (nonspeech_share 0.15 > 0.05)" in notes[1]

@@ -107,6 +107,7 @@ def test_trn_layout_spelling(tmp_path):
             "text": "3시 세 시 쯤 어 그래",
             "duration": 0.75,
             "language": "ko",
+            "session": os.path.join("..", "kspon", "KsponSpeech_05", "KsponSpeech_0621"),
         }
     ]
     (eval_clean,) = read_manifest(out / "eval_clean.jsonl")

@@ -12,6 +12,7 @@ import torch
 from asr_lora.audio import SAMPLE_RATE, load_audio
 from asr_lora.data.collator import IGNORE_INDEX, WhisperCollator
 from asr_lora.prompting import MAX_PROMPT_TOKENS, draw, prompt_ids, timestamp_id, timestamp_segments
+from asr_lora.settings import ModelSettings
 
 from .conftest import ASSETS, DEMO, demo_rows, make_row, write_manifest
 
@@ -326,8 +327,7 @@ def test_transcribe_timestamps_cues_inside_the_pieces_real_base(bundled_base, tm
 class PromptSpy:
     """Answers each piece with its index; records the prompts it was given; piece 1 needs temperature 0.8."""
 
-    class settings:
-        audio_context = "full"
+    settings = ModelSettings(audio_context="full")
 
     def __init__(self, prompt=None):
         from asr_lora.backends import DecodeOptions

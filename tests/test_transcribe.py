@@ -14,6 +14,7 @@ import soundfile as sf
 from asr_lora.audio import SAMPLE_RATE, load_audio
 from asr_lora.cli import main
 from asr_lora.transcribe import Item, Writer, _timestamp, pause_points, split_points, transcribe_items
+from asr_lora.settings import ModelSettings
 
 from .conftest import ASSETS, load_script
 from .test_export import clips_manifest, make_adapter
@@ -142,8 +143,7 @@ def test_pauses_join_short_pieces_and_cut_long_ones():
 class SpyTranscriber:
     """Records the piece lengths it is asked to decode; every piece reads 'speech'."""
 
-    class settings:
-        audio_context = "full"
+    settings = ModelSettings(audio_context="full")
 
     def __init__(self):
         self.decoded: list[int] = []

@@ -102,7 +102,7 @@ def long_form(source: ModelSource, vad: bool, seconds: float = 120.0) -> dict:
     audio, speech = make.build_longform(seconds=seconds, seed=0)
     transcriber = load_transcriber(source, DecodeOptions(max_new_tokens=96, temperatures=(0.0,)))
     cues = []
-    for a, b, reason, _ in pieces(audio, "pauses", vad):
+    for a, b, reason, _ in pieces(audio, "pauses", vad, transcriber.settings.max_input_seconds):
         if reason is None:
             hyp = transcriber.decode([audio[a:b]])[0]
             if hyp.text:

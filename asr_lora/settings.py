@@ -26,13 +26,15 @@ MAX_INPUT_SECONDS = 30.0  # Whisper's window: what a model without a record of i
 @dataclass(frozen=True)
 class TrainedOn:
     """What a checkpoint's training inputs were like, as transcription needs to know it: the range of
-    input durations (a joined multi-utterance input counts as one input) and the speaking rate in
-    non-space characters per second of input (median and 5th percentile over the speech rows)."""
+    input durations (a joined multi-utterance input counts as one input), the speaking rate in non-space
+    characters per second of input (median and 5th percentile over the speech rows), and the most
+    utterances one input held (1: single utterances only, the model stops after one; None: not recorded)."""
 
     min_seconds: float
     max_seconds: float
     chars_per_second: float
     chars_per_second_low: float
+    max_utterances: int | None = None
 
     @classmethod
     def from_json(cls, data, where: str) -> TrainedOn | None:
@@ -41,15 +43,18 @@ class TrainedOn:
         try:
             values = [float(data[k]) for k in ("min_seconds", "max_seconds", "chars_per_second",
                                                "chars_per_second_low")]
-        except (TypeError, KeyError, ValueError) as e:
+            most = data.get("max_utterances")
+            most = None if most is None else int(most)
+        except (TypeError, KeyError, ValueError, AttributeError) as e:
             raise UserError(f"{where}: trained_on must hold min_seconds, max_seconds, chars_per_second and "
                             f"chars_per_second_low as numbers ({type(e).__name__}: {e})") from None
-        return cls(*values)
+        return cls(*values, max_utterances=most)
 
     def to_json(self) -> dict:
-        return {"min_seconds": round(self.min_seconds, 3), "max_seconds": round(self.max_seconds, 3),
-                "chars_per_second": round(self.chars_per_second, 3),
-                "chars_per_second_low": round(self.chars_per_second_low, 3)}
+        out = {"min_seconds": round(self.min_seconds, 3), "max_seconds": round(self.max_seconds, 3),
+               "chars_per_second": round(self.chars_per_second, 3),
+               "chars_per_second_low": round(self.chars_per_second_low, 3)}
+        return out if self.max_utterances is None else {**out, "max_utterances": self.max_utterances}
 
 
 @dataclass
@@ -83,6 +88,12 @@ class ModelSettings:
         if self.trained_on is None:
             return MAX_INPUT_SECONDS
         return min(MAX_INPUT_SECONDS, self.trained_on.max_seconds)
+
+    @property
+    def single_utterance(self) -> bool:
+        """Whether the model was trained on single utterances only: transcription then gives it one VAD
+        speech span a piece, never several joined."""
+        return self.trained_on is not None and self.trained_on.max_utterances == 1
 
 
 def settings_from_recipe(cfg, source: str = "recipe") -> ModelSettings:

@@ -7,8 +7,8 @@ reported on stderr and skipped; the rest are still transcribed.
 Pieces: with voice activity detection (the default; Silero VAD, :mod:`asr_lora.vad`) a file of any
 length is cut at its speech boundaries into pieces of at most the longest input the model was trained
 on (``trained_on.max_seconds`` in its settings file, :mod:`asr_lora.settings`; at most 30 s, and 30 s
-when not recorded): a model trained on single sentences stops after the first sentence of a longer
-piece. The pieces between speech are not decoded (their text is empty, ``skip_reason``
+when not recorded), and for a model trained on single utterances only (``trained_on.max_utterances``
+1) into one speech span a piece: such a model stops after the first sentence of a longer piece. The pieces between speech are not decoded (their text is empty, ``skip_reason``
 "no_speech_vad").
 
 Completeness guard (with VAD, for a model whose settings record its training rows' speaking rate): a
@@ -214,15 +214,16 @@ class Cut(NamedTuple):
         return {**out, **({"skip_reason": self.skip_reason} if self.skip_reason else {}), **extra}
 
 
-def pieces(audio: np.ndarray, split: str, vad: bool, max_piece_s: float = MAX_WINDOW) -> list[Cut]:
+def pieces(audio: np.ndarray, split: str, vad: bool, max_piece_s: float = MAX_WINDOW,
+           max_spans: int | None = None) -> list[Cut]:
     """:class:`Cut` s covering ``audio``; a piece with a skip reason is not decoded: "no_speech_vad" (VAD
     found no speech), "silence" (digital silence), "too_short". With VAD, speech pieces are at most
-    ``max_piece_s`` long (the model's :attr:`~asr_lora.settings.ModelSettings.max_input_seconds`)."""
+    ``max_piece_s`` long and hold at most ``max_spans`` speech spans (:func:`piece_limits` of the model)."""
     if vad:
         from .vad import speech_pieces
 
         cuts = [Cut(p.start, p.end, None if p.speech else "no_speech_vad", p.spans)
-                for p in speech_pieces(audio, max_piece_s)]
+                for p in speech_pieces(audio, max_piece_s, max_spans=max_spans)]
     else:
         bounds = segment_bounds(audio, split)
         cuts = [Cut(a, b, None) for a, b in zip(bounds[:-1], bounds[1:])]
@@ -425,7 +426,7 @@ def transcribe_audio(audio: np.ndarray, decode: Callable[[list[np.ndarray]], lis
     longest piece, the completeness guard's speaking rate; None: 30 s pieces, no guard); ``decode`` (a
     transcriber's, or the server's batching queue) gets the pieces to decode in one call and returns
     their :class:`~asr_lora.backends.Hypothesis`."""
-    cuts = pieces(audio, split, vad, max_piece_seconds(settings))
+    cuts = pieces(audio, split, vad, *piece_limits(settings))
     segments = [c.segment() for c in cuts]
     todo = [k for k, c in enumerate(cuts) if c.skip_reason is None]
     hyps = decode([audio[cuts[k].start:cuts[k].end] for k in todo]) if todo else []
@@ -435,9 +436,13 @@ def transcribe_audio(audio: np.ndarray, decode: Callable[[list[np.ndarray]], lis
     return expand_cues(segments)
 
 
-def max_piece_seconds(settings) -> float:
-    """The longest piece for a model of ``settings`` (``ModelSettings`` or None: 30 s)."""
-    return MAX_WINDOW if settings is None else settings.max_input_seconds
+def piece_limits(settings) -> tuple[float, int | None]:
+    """``(longest piece in seconds, most VAD speech spans a piece)`` for a model of ``settings``
+    (``ModelSettings``; None: 30 s, any number): the longest input it was trained on, and one span a
+    piece for a model trained on single utterances only."""
+    if settings is None:
+        return MAX_WINDOW, None
+    return settings.max_input_seconds, 1 if settings.single_utterance else None
 
 
 def _load(item: Item, failures: list[Failure]) -> np.ndarray | None:
@@ -495,7 +500,7 @@ def transcribe_items(transcriber, items: list[Item], writer: Writer, *, batch_si
         if audio is None:
             bar.update(1)
             continue
-        cuts = pieces(audio, split, vad, settings.max_input_seconds)
+        cuts = pieces(audio, split, vad, *piece_limits(settings))
         transcript = Transcript(item, len(audio) / SAMPLE_RATE, windows_left=sum(c.skip_reason is None for c in cuts))
         unfinished.append(transcript)
         if condition_on_previous_text:

@@ -142,13 +142,16 @@ def merge_spans(spans: list[tuple[int, int]], n_samples: int, sr: int = 16000, *
 
 
 def merge_spans_with_spans(spans: list[tuple[int, int]], n_samples: int, sr: int = 16000, *,
-                           max_piece_s: float = MAX_PIECE_S, max_gap_s: float = MAX_GAP_S) -> list[Piece]:
-    """:func:`merge_spans` as :class:`Piece` s that also name the speech spans each piece holds."""
+                           max_piece_s: float = MAX_PIECE_S, max_gap_s: float = MAX_GAP_S,
+                           max_spans: int | None = None) -> list[Piece]:
+    """:func:`merge_spans` as :class:`Piece` s that also name the speech spans each piece holds; with
+    ``max_spans``, a piece holds at most that many spans (1: every span a piece of its own)."""
     max_piece, max_gap = int(max_piece_s * sr), int(max_gap_s * sr)
     groups: list[list] = []  # [start, end, [spans]]
     for start, end in spans:
         start, end = max(0, start), min(n_samples, end)
-        if groups and start - groups[-1][1] <= max_gap and end - groups[-1][0] <= max_piece:
+        if groups and start - groups[-1][1] <= max_gap and end - groups[-1][0] <= max_piece and \
+                (max_spans is None or len(groups[-1][2]) < max_spans):
             groups[-1][1] = max(groups[-1][1], end)
             groups[-1][2].append((max(start, groups[-1][2][-1][1]), end))
         else:
@@ -184,9 +187,11 @@ def vad_pieces(audio: np.ndarray | torch.Tensor, max_piece_s: float = MAX_PIECE_
 
 
 def speech_pieces(audio: np.ndarray | torch.Tensor, max_piece_s: float = MAX_PIECE_S, *, sr: int = 16000,
-               threshold: float = THRESHOLD, min_silence_s: float = MIN_SILENCE_S, speech_pad_s: float = SPEECH_PAD_S,
-               min_speech_s: float = MIN_SPEECH_S, max_gap_s: float = MAX_GAP_S) -> list[tuple[int, int, bool]]:
-    """:func:`vad_pieces` as :class:`Piece` s, each with the speech spans inside it."""
+                  threshold: float = THRESHOLD, min_silence_s: float = MIN_SILENCE_S,
+                  speech_pad_s: float = SPEECH_PAD_S, min_speech_s: float = MIN_SPEECH_S,
+                  max_gap_s: float = MAX_GAP_S, max_spans: int | None = None) -> list[Piece]:
+    """:func:`vad_pieces` as :class:`Piece` s, each with the speech spans inside it (at most ``max_spans``)."""
     spans = speech_spans(audio, sr, threshold=threshold, min_silence_s=min_silence_s, speech_pad_s=speech_pad_s,
                          min_speech_s=min_speech_s, max_span_s=max_piece_s)
-    return merge_spans_with_spans(spans, len(audio), sr, max_piece_s=max_piece_s, max_gap_s=max_gap_s)
+    return merge_spans_with_spans(spans, len(audio), sr, max_piece_s=max_piece_s, max_gap_s=max_gap_s,
+                                  max_spans=max_spans)

@@ -94,7 +94,7 @@ def long_form(source: ModelSource, vad: bool, seconds: float = 120.0) -> dict:
 
     from asr_lora.evaluate import hypothesis_loops
     from asr_lora.metrics import score
-    from asr_lora.transcribe import pieces
+    from asr_lora.transcribe import piece_limits, pieces
 
     spec = importlib.util.spec_from_file_location("make_nonspeech", REPO / "scripts" / "make_nonspeech.py")
     make = importlib.util.module_from_spec(spec)
@@ -102,7 +102,7 @@ def long_form(source: ModelSource, vad: bool, seconds: float = 120.0) -> dict:
     audio, speech = make.build_longform(seconds=seconds, seed=0)
     transcriber = load_transcriber(source, DecodeOptions(max_new_tokens=96, temperatures=(0.0,)))
     cues = []
-    for a, b, reason, _ in pieces(audio, "pauses", vad, transcriber.settings.max_input_seconds):
+    for a, b, reason, _ in pieces(audio, "pauses", vad, *piece_limits(transcriber.settings)):
         if reason is None:
             hyp = transcriber.decode([audio[a:b]])[0]
             if hyp.text:

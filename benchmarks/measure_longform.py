@@ -17,6 +17,7 @@ Runs the CLI of the source tree it sits in (``python -m asr_lora.cli``), so the 
 older checkout. Usage::
 
     python benchmarks/measure_longform.py --adapter runs/demo/best --out /tmp/longform [--serve]
+    python benchmarks/measure_longform.py --ct2 models/demo-ct2 --out /tmp/longform-ct2
 """
 
 from __future__ import annotations
@@ -204,11 +205,12 @@ def main() -> None:
     group = parser.add_mutually_exclusive_group(required=True)
     group.add_argument("--adapter", help="a LoRA checkpoint folder")
     group.add_argument("--merged", help="an 'asr-lora merge' folder")
+    group.add_argument("--ct2", help="an 'asr-lora export-ct2' folder")
     parser.add_argument("--out", required=True, help="work folder (inputs and outputs)")
     parser.add_argument("--serve", action="store_true", help="also serve vs eval --as-transcribe")
     parser.add_argument("--serve-only", action="store_true", help="only serve vs eval --as-transcribe")
     args = parser.parse_args()
-    kind, path = ("adapter", args.adapter) if args.adapter else ("merged", args.merged)
+    kind, path = next((k, p) for k, p in (("adapter", args.adapter), ("merged", args.merged), ("ct2", args.ct2)) if p)
     path = str(Path(path).resolve())
     model_args = [f"--{kind}", path]
     out = Path(args.out)

@@ -118,7 +118,9 @@ def test_trained_on_records_the_input_range_and_speaking_rate():
     assert plain.chars_per_second == pytest.approx(np.median(rates))
     assert plain.chars_per_second_low == pytest.approx(np.percentile(rates, 5))
     assert plain.chars_per_second_low < plain.chars_per_second
-    assert trained_on(rows, Concatenation(rows, 0.3, 25.0)).max_seconds == 25.0
+    assert plain.max_utterances == 1  # single utterances: transcription gives it one speech span a piece
+    joined = trained_on(rows, Concatenation(rows, 0.3, 25.0))
+    assert joined.max_seconds == 25.0 and joined.max_utterances > 1
 
 
 def test_group_rows_makes_consecutive_inputs_within_the_range():

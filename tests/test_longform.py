@@ -14,7 +14,7 @@ from asr_lora.audio import SAMPLE_RATE, load_audio
 from asr_lora.backends import DecodeOptions, Hypothesis, _Decoding, best_attempt
 from asr_lora.cli import main
 from asr_lora.settings import ModelSettings, TrainedOn, read_settings, write_settings
-from asr_lora.transcribe import Cut, complete, incomplete, inner_cuts, pieces, transcribe_audio
+from asr_lora.transcribe import Cut, complete, incomplete, inner_cuts, piece_limits, pieces, transcribe_audio
 
 from .conftest import ASSETS, DEMO, demo_rows, write_manifest
 
@@ -60,6 +60,20 @@ def test_speech_pieces_stay_within_the_trained_input_length():
         assert all(c.spans and c.start <= c.spans[0][0] and c.spans[-1][1] <= c.end for c in speech)
     assert ModelSettings().max_input_seconds == 30.0  # nothing recorded: Whisper's window
     assert ModelSettings(trained_on=replace(TRAINED, max_seconds=45.0)).max_input_seconds == 30.0
+
+
+def test_a_model_trained_on_single_utterances_gets_one_speech_span_a_piece():
+    audio, where = sentences(6)
+    joined = pieces(audio, "pauses", True, *piece_limits(ModelSettings(trained_on=replace(TRAINED, max_seconds=8.0))))
+    single = ModelSettings(trained_on=replace(TRAINED, max_seconds=8.0, max_utterances=1))
+    assert single.single_utterance and not ModelSettings(trained_on=TRAINED).single_utterance
+    alone = pieces(audio, "pauses", True, *piece_limits(single))
+    speech = [c for c in alone if c.skip_reason is None]
+    assert all(len(c.spans) == 1 for c in speech) and len(speech) >= len(where)
+    assert len(speech) > len([c for c in joined if c.skip_reason is None])
+    for a, b in where:  # each sentence lies in pieces of its own: no piece reaches into two sentences
+        inside = [c for c in speech if c.end > a and c.start < b]
+        assert all(c.start >= a - SAMPLE_RATE // 2 and c.end <= b + SAMPLE_RATE // 2 for c in inside)
 
 
 def test_the_guard_splits_an_incomplete_piece_at_its_speech_spans_and_keeps_the_longer_text():
@@ -181,6 +195,9 @@ def test_trained_on_is_recorded_read_back_and_refused_when_malformed(tmp_path):
     data = json.loads((tmp_path / "asr_lora.json").read_text())
     assert data["trained_on"] == TRAINED.to_json()
     assert read_settings(tmp_path).trained_on == TRAINED
+    single = replace(TRAINED, max_utterances=1)
+    write_settings(tmp_path, ModelSettings(trained_on=single))
+    assert read_settings(tmp_path).trained_on == single and read_settings(tmp_path).single_utterance
     (tmp_path / "asr_lora.json").write_text(json.dumps({**data, "trained_on": {"max_seconds": "long"}}))
     from asr_lora.errors import UserError
 

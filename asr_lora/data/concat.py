@@ -225,8 +225,9 @@ def concatenation(rows: Sequence[ManifestRow], data, seed: int) -> Concatenation
 
 def trained_on(rows: Sequence[ManifestRow], concat: Concatenation | None):
     """The :class:`~asr_lora.settings.TrainedOn` record of training on ``rows`` (speech rows only): the
-    shortest and longest input (``data.concat_max_seconds`` when inputs are joined), and the speaking rate
-    in non-space characters per second of input (median, 5th percentile)."""
+    shortest and longest input (``data.concat_max_seconds`` when inputs are joined), the speaking rate
+    in non-space characters per second of input (median, 5th percentile), and the most utterances an
+    input held (1 without joining; with it, the most of epoch 0)."""
     from ..settings import TrainedOn
 
     speech = [r for r in rows if not r.nonspeech]
@@ -235,4 +236,5 @@ def trained_on(rows: Sequence[ManifestRow], concat: Concatenation | None):
         return None
     rates = [len("".join(r.text.split())) / s for r, s in zip(speech, seconds) if s > 0]
     longest = max(max(seconds), concat.max_seconds if concat is not None else 0.0)
-    return TrainedOn(min(seconds), longest, float(np.median(rates)), float(np.percentile(rates, 5)))
+    most = 1 if concat is None else max(len(concat.parts(0, i)[0]) for i in range(len(rows)))
+    return TrainedOn(min(seconds), longest, float(np.median(rates)), float(np.percentile(rates, 5)), most)

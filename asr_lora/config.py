@@ -208,8 +208,7 @@ class EvalConfig:
     def __post_init__(self):
         if self.longform_rows < 0:
             raise ConfigError(f"eval.longform_rows must be 0 or more, got {self.longform_rows}")
-        lo, hi = (self.longform_seconds + [0.0, 0.0])[:2]
-        if len(self.longform_seconds) != 2 or not 0 < lo <= hi <= 30.0:
+        if len(self.longform_seconds) != 2 or not 0 < self.longform_seconds[0] <= self.longform_seconds[1] <= 30.0:
             raise ConfigError(f"eval.longform_seconds must be a range [lo, hi] with 0 < lo <= hi <= 30, got "
                               f"{self.longform_seconds}")
         if self.longform_pause < 0:

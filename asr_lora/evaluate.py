@@ -203,23 +203,23 @@ def evaluate_as_transcribe(transcriber, rows: Sequence[ManifestRow | JoinedRow],
     split = resolve_split(split, transcriber.settings)
     done, skipped = [], []
     decode_seconds = audio_seconds = 0.0
-    for row in tqdm(rows, desc="eval (as transcribe)", leave=False, disable=not progress):
-        try:
-            audio = load_input(row)
-        except AudioError as e:
-            skipped.append({"id": row.id, "reason": str(e)})
-            continue
-        t0 = time.perf_counter()
-        with eval_mode(transcriber):
+    with eval_mode(transcriber):
+        for row in tqdm(rows, desc="eval (as transcribe)", leave=False, disable=not progress):
+            try:
+                audio = load_input(row)
+            except AudioError as e:
+                skipped.append({"id": row.id, "reason": str(e)})
+                continue
+            t0 = time.perf_counter()
             segments = transcribe_audio(audio, transcriber.decode, split, vad, transcriber.settings)
-        decode_seconds += time.perf_counter() - t0
-        audio_seconds += len(audio) / SAMPLE_RATE
-        decoded = [s for s in segments if "avg_logprob" in s]
-        done.append({"id": row.id, "audio": row.audio, "offset": row.offset, "end": row.end,
-                     "duration": round(len(audio) / SAMPLE_RATE, 3), "ref": row.text,
-                     "hyp": " ".join(s["text"] for s in segments if s["text"]).strip(), "nonspeech": row.nonspeech,
-                     "pieces": len(decoded),
-                     "redecoded": sum(1 for s in decoded if s.get("redecoded"))})
+            decode_seconds += time.perf_counter() - t0
+            audio_seconds += len(audio) / SAMPLE_RATE
+            decoded = [s for s in segments if "avg_logprob" in s]
+            done.append({"id": row.id, "audio": row.audio, "offset": row.offset, "end": row.end,
+                         "duration": round(len(audio) / SAMPLE_RATE, 3), "ref": row.text,
+                         "hyp": " ".join(s["text"] for s in segments if s["text"]).strip(),
+                         "nonspeech": row.nonspeech, "pieces": len(decoded),
+                         "redecoded": sum(1 for s in decoded if s.get("redecoded"))})
     return scored(done, skipped, decode_seconds=decode_seconds, audio_seconds=audio_seconds,
                   seconds=time.perf_counter() - start)
 
@@ -252,8 +252,8 @@ def score_longform(probe: LongformProbe, whole, file) -> tuple[dict, list[dict]]
     """The long-form probe decoded: ``whole`` (a transcriber) decodes each joined input as one piece,
     ``file`` (a transcriber with transcription's options) decodes the file as ``asr-lora transcribe``
     does. Returns ``longform_cer``, ``longform_deletion_rate``, ``longfile_cer``,
-    ``longfile_deletion_rate``, ``longfile_pieces`` and the utterance lines (ids prefixed ``longform:`` /
-    ``longfile:``)."""
+    ``longfile_deletion_rate``, ``longfile_pieces`` and the utterance lines (ids ``longform-1``, ...,
+    and ``longfile``); the keys of a part whose audio could not be read are left out."""
     metrics: dict = {}
     lines: list[dict] = []
     try:  # unreadable dev audio leaves the probe's keys out; the evaluation goes on

@@ -48,7 +48,7 @@ class JoinedRow:
 
     @property
     def text(self) -> str:
-        return " ".join(p.text.strip() for p in self.parts)
+        return " ".join(self.texts)
 
     @property
     def texts(self) -> list[str]:
@@ -148,17 +148,20 @@ class Concatenation:
         self.pause, self.seed = (float(pause[0]), float(pause[1])), seed
         self.durations = [length_hint(r) for r in rows]
         self.eligible = [not r.nonspeech for r in rows]
+        self.in_session: set[int] = set()
         self.next_in_session: dict[int, int] = {}
         last: dict[str, int] = {}
         for i, r in enumerate(rows):
             session = r.extra.get(SESSION_KEY)
-            if session is None or not self.eligible[i]:
+            if session is None:
                 continue
-            if str(session) in last:
-                self.next_in_session[last[str(session)]] = i
-            last[str(session)] = i
-        self.in_session = {i for i, r in enumerate(rows) if r.extra.get(SESSION_KEY) is not None}
+            self.in_session.add(i)
+            if self.eligible[i]:
+                if str(session) in last:
+                    self.next_in_session[last[str(session)]] = i
+                last[str(session)] = i
         self._orders: dict[int, tuple[list[int], dict[int, int]]] = {}
+        self._epoch_parts: dict[int, list[tuple[list[int], list[float]]]] = {}
 
     def _shuffled(self, epoch: int) -> tuple[list[int], dict[int, int]]:
         """The epoch's order of the rows joined with neighbours (speech rows without a session)."""
@@ -206,13 +209,16 @@ class Concatenation:
             return self.rows[i]
         return JoinedRow(tuple(self.rows[j] for j in indices), tuple(pauses))
 
+    def epoch_parts(self, epoch: int) -> list[tuple[list[int], list[float]]]:
+        """:meth:`parts` of every row at ``epoch`` (the last two epochs asked for are kept)."""
+        if epoch not in self._epoch_parts:
+            self._epoch_parts = {e: p for e, p in self._epoch_parts.items() if e == epoch - 1}
+            self._epoch_parts[epoch] = [self.parts(epoch, i) for i in range(len(self.rows))]
+        return self._epoch_parts[epoch]
+
     def epoch_durations(self, epoch: int) -> list[float]:
         """Seconds of every row's input at ``epoch`` (for the batch plan's costs)."""
-        out = []
-        for i in range(len(self.rows)):
-            indices, pauses = self.parts(epoch, i)
-            out.append(sum(self.durations[j] for j in indices) + sum(pauses))
-        return out
+        return [sum(self.durations[j] for j in indices) + sum(pauses) for indices, pauses in self.epoch_parts(epoch)]
 
 
 def concatenation(rows: Sequence[ManifestRow], data, seed: int) -> Concatenation | None:
@@ -236,5 +242,5 @@ def trained_on(rows: Sequence[ManifestRow], concat: Concatenation | None):
         return None
     rates = [len("".join(r.text.split())) / s for r, s in zip(speech, seconds) if s > 0]
     longest = max(max(seconds), concat.max_seconds if concat is not None else 0.0)
-    most = 1 if concat is None else max(len(concat.parts(0, i)[0]) for i in range(len(rows)))
+    most = 1 if concat is None else max(len(indices) for indices, _ in concat.epoch_parts(0))
     return TrainedOn(min(seconds), longest, float(np.median(rates)), float(np.percentile(rates, 5)), most)

@@ -249,3 +249,12 @@ def test_training_scores_the_long_form_probe_per_checkpoint_and_can_select_by_it
     assert sum(u["duration"] for u in lines[:-1]) == pytest.approx(lines[-1]["duration"], abs=1.0)
     settings = read_settings(out / "best")
     assert settings.trained_on.max_seconds == 14.0 and settings.max_input_seconds == 14.0
+
+
+def test_verbose_json_says_which_segments_the_guard_redecoded():
+    from asr_lora.serve import verbose_json
+
+    segments = [{"start": 0.0, "end": 2.0, "text": "가나", "avg_logprob": -0.1, "redecoded": "incomplete"},
+                {"start": 2.0, "end": 4.0, "text": "다라", "avg_logprob": -0.2}]
+    out = verbose_json(segments, 4.0, "ko")["segments"]
+    assert out[0]["redecoded"] == "incomplete" and "redecoded" not in out[1]
